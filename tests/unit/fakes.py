@@ -1,0 +1,147 @@
+"""A tiny ldm-shaped denoiser and a bridge over it: the core's tests need no host.
+
+The denoiser keeps ComfyUI's module names (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`)
+and is built under `torch.inference_mode()`, as ComfyUI loads its weights.
+"""
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from tunekit.trainer.families import SD1
+from tunekit.trainer.frozen import FrozenBase
+from tunekit.trainer.host import PromptEmbedding
+
+CONTEXT_DIM = 8
+CHANNELS = 16
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, context_dim: int):
+        super().__init__()
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x, context):
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        weights = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.to_out[0](weights @ v)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([nn.Module(), nn.GELU(), nn.Linear(dim * 2, dim)])
+        self.net[0].proj = nn.Linear(dim, dim * 2)
+
+    def forward(self, x):
+        return self.net[2](self.net[1](self.net[0].proj(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, dim)
+        self.attn2 = Attention(dim, CONTEXT_DIM)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x), self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(4, channels)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))
+
+
+class TinyDenoiser(nn.Module):
+    """One level, one res block: input_blocks.1.1, middle_block.1 and output_blocks.{0,1}.1 attend."""
+
+    def __init__(self):
+        super().__init__()
+        self.time_embed = nn.Sequential(nn.Linear(1, CHANNELS), nn.SiLU())
+        self.input_blocks = nn.ModuleList([
+            nn.ModuleList([nn.Conv2d(4, CHANNELS, 3, padding=1)]),
+            nn.ModuleList([nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1), SpatialTransformer(CHANNELS)]),
+        ])
+        self.middle_block = nn.ModuleList([nn.Identity(), SpatialTransformer(CHANNELS), nn.Identity()])
+        self.output_blocks = nn.ModuleList([
+            nn.ModuleList([nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1), SpatialTransformer(CHANNELS)]),
+            nn.ModuleList([nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1), SpatialTransformer(CHANNELS)]),
+        ])
+        self.out = nn.Sequential(nn.GroupNorm(4, CHANNELS), nn.SiLU(), nn.Conv2d(CHANNELS, 4, 3, padding=1))
+
+    def forward(self, x, timesteps, context):
+        h = self.input_blocks[0][0](x) + self.time_embed(timesteps[:, None].float() / 1000)[:, :, None, None]
+        h = self.input_blocks[1][1](self.input_blocks[1][0](h), context)
+        h = self.middle_block[1](h, context)
+        for conv, attention in self.output_blocks:
+            h = attention(conv(h), context)
+        return self.out(h)
+
+
+class FakeBridge:
+    """The ModelBridge protocol over TinyDenoiser; images are 'encoded' by 8x average pooling."""
+
+    family = SD1
+    device = torch.device("cpu")
+    prediction_type = "epsilon"
+
+    def __init__(self, seed: int = 0):
+        with torch.inference_mode():
+            torch.manual_seed(seed)
+            self.denoiser = TinyDenoiser()
+            self.text_table = torch.randn(64, CONTEXT_DIM)
+        self.encoded_images = 0
+
+    def alphas_cumprod(self):
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+        return torch.cumprod(1 - betas, 0)
+
+    def denoiser_modules(self):
+        return dict(self.denoiser.named_modules())
+
+    def unet_levels(self):
+        return [1]
+
+    def encode_images(self, pixels):
+        self.encoded_images += pixels.shape[0]
+        image = pixels.movedim(-1, 1)
+        latent = nn.functional.avg_pool2d(image, 8)
+        return torch.cat([latent, latent.mean(1, keepdim=True)], 1) * 2 - 1
+
+    def encode_prompts(self, captions):
+        return [PromptEmbedding(self.text_table[[sum(map(ord, word)) % 64 for word in c.split()] or [0]]) for c in captions]
+
+    def predict(self, noisy, timesteps, prompts, sizes):
+        tokens = max(p.context.shape[0] for p in prompts)
+        context = torch.stack([p.context.repeat(tokens, 1)[:tokens] for p in prompts])
+        return self.denoiser(noisy, timesteps, context)
+
+    @contextmanager
+    def training(self, attach, detach):
+        frozen = FrozenBase()
+        frozen.apply(self.denoiser)
+        attach()
+        try:
+            yield
+        finally:
+            detach()
+            frozen.restore()

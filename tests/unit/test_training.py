@@ -1,0 +1,118 @@
+"""The session on a tiny ldm-shaped denoiser: learning, frozen base, saving, resume, cancel, NaN."""
+
+import pytest
+import torch
+
+from tunekit.trainer.adapters.kohya import load_lora, save_lora
+from tunekit.trainer.checkpoints import latest_state_folder
+from tunekit.trainer.errors import ConfigError, TrainingDivergedError
+from tunekit.trainer.events import CheckpointSaved, StepDone
+from tunekit.trainer.host import NullHost
+
+from fakes import FakeBridge
+from helpers import make_session
+
+
+class RecordingHost:
+    def __init__(self, stop_after: int | None = None):
+        self.events, self.stop_after = [], stop_after
+
+    def emit(self, event):
+        self.events.append(event)
+
+    def should_stop(self):
+        steps = sum(isinstance(event, StepDone) for event in self.events)
+        return self.stop_after is not None and steps >= self.stop_after
+
+
+def test_training_lowers_the_loss_at_fixed_noise():
+    session = make_session(steps=60)
+    session.prepare(NullHost())
+    before = session.evaluate()
+    session.run(NullHost())
+    after = session.evaluate()
+    print(f"fixed-noise loss before {before:.4f}, after {after:.4f}")
+    assert after < 0.8 * before
+
+
+def test_only_adapter_parameters_get_gradients_and_the_base_is_untouched():
+    bridge = FakeBridge()
+    base = {name: p.clone() for name, p in bridge.denoiser.named_parameters()}
+    session = make_session(bridge=bridge, steps=5)
+    session.run(NullHost())
+    assert all(p.grad is not None for p in session.network.parameters())
+    for name, parameter in bridge.denoiser.named_parameters():
+        assert parameter.grad is None, name
+        assert parameter.is_inference(), f"{name} was not restored to the host's own tensor"
+        assert torch.equal(parameter, base[name]), f"{name} changed"
+
+
+def test_adapters_start_as_a_no_op_and_hooks_come_off_after_training():
+    bridge = FakeBridge()
+    session = make_session(bridge=bridge, steps=2)
+    session.run(NullHost())
+    assert all(not module._forward_hooks for module in bridge.denoiser.modules())
+
+
+def test_saved_lora_round_trips_exactly(tmp_path):
+    session = make_session(steps=3)
+    session.run(NullHost())
+    tensors, metadata = session.export("round_trip")
+    path = save_lora(tmp_path / "round_trip.safetensors", tensors, metadata)
+    loaded, loaded_metadata = load_lora(path)
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[key], tensors[key]) for key in tensors)
+    assert loaded_metadata["ss_base_model_version"] == "sd_v1"
+    assert loaded_metadata["ss_network_dim"] == "4" and loaded_metadata["ss_network_alpha"] == "4.0"
+    assert len(loaded_metadata["sshs_model_hash"]) == 64
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in loaded
+
+
+def test_resume_continues_exactly_where_a_cancelled_run_stopped(tmp_path):
+    straight = make_session(steps=12)
+    straight.run(NullHost())
+
+    first = make_session(tmp_path, steps=12)
+    result = first.run(RecordingHost(stop_after=5))
+    assert result.stopped_early and result.steps_done == 5
+    folder = latest_state_folder(tmp_path)
+    assert folder is not None and folder.name == "step_000005"
+
+    resumed = make_session(tmp_path, steps=12)
+    resumed.resume(folder)
+    assert resumed.run(NullHost()).steps_done == 12
+    expected, actual = straight.network.kohya_state_dict(), resumed.network.kohya_state_dict()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_resume_refuses_a_different_rank(tmp_path):
+    make_session(tmp_path, steps=2, save_every=1).run(NullHost())
+    other = make_session(tmp_path, steps=4, rank=8, alpha=8)
+    with pytest.raises(ConfigError, match="rank 4"):
+        other.resume(latest_state_folder(tmp_path))
+
+
+def test_save_every_keeps_the_last_checkpoints(tmp_path):
+    host = RecordingHost()
+    make_session(tmp_path, steps=7, save_every=2).run(host)
+    saved = [event.step for event in host.events if isinstance(event, CheckpointSaved)]
+    assert saved == [2, 4, 6]
+    assert sorted(folder.name for folder in tmp_path.iterdir()) == ["step_000004", "step_000006"]
+
+
+def test_nan_loss_stops_with_advice_and_keeps_the_last_good_state(tmp_path):
+    session = make_session(tmp_path, steps=5)
+    session.run(RecordingHost(stop_after=2))
+    session.config.steps = 5
+    with torch.no_grad():
+        next(iter(session.network.parameters())).fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match="Lower learning_rate"):
+        session.run(NullHost())
+    assert latest_state_folder(tmp_path) is not None
+
+
+def test_invalid_settings_are_reported_together():
+    with pytest.raises(ConfigError) as raised:
+        make_session(steps=0, rank=0, resolution=100)
+    message = str(raised.value)
+    assert "steps is 0" in message and "rank is 0" in message and "resolution is 100" in message

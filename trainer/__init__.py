@@ -1,0 +1,5 @@
+"""TuneKit's training core: host-agnostic (imports nothing of ComfyUI).
+
+A host hands a `ModelBridge` (its already-loaded models), a `Dataset` and a `LoRAConfig` to a
+`TrainSession`, and receives events through its `Host`.
+"""

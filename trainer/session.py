@@ -1,0 +1,205 @@
+"""TrainSession: prepare caches, run steps, save, resume, export. `run()` reads like a table of contents."""
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import AdapterNetwork, select_targets
+from .adapters.kohya import lora_metadata, tag_frequency
+from .checkpoints import TrainState, load_state, save_state
+from .config import LoRAConfig
+from .data import Dataset, fit_square
+from .errors import ConfigError, DatasetError, TrainingDivergedError
+from .events import CheckpointSaved, Notice, StepDone
+from .host import Host, ModelBridge, PromptEmbedding, SizeInfo
+from .noise import add_noise, sample_timesteps, training_target
+
+log = logging.getLogger(__name__)
+EXPORT_DTYPE = torch.float16
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    stopped_early: bool
+    losses: list[float] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+
+@dataclass
+class _Example:
+    latent: torch.Tensor  # [C, h, w] on the CPU
+    prompt: PromptEmbedding
+    size: SizeInfo
+
+
+class TrainSession:
+    def __init__(self, bridge: ModelBridge, dataset: Dataset, config: LoRAConfig, run_dir: Path | None = None):
+        config.validate()
+        if not len(dataset):
+            raise DatasetError("The dataset is empty: give the trainer at least one image.")
+        self.bridge, self.dataset, self.config, self.run_dir = bridge, dataset, config, run_dir
+        self.network = self._build_network()
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.learning_rate)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step, self.order, self.position = 0, [], 0
+        self.losses: list[float] = []
+        self.started_at = time.time()
+        self._examples: list[_Example] = []
+        self._last_checkpoint: Path | None = None
+
+    # ----- setup -----
+    def _build_network(self) -> AdapterNetwork:
+        targets = select_targets(self.bridge.denoiser_modules(), self.config.targets)
+        if not targets:
+            raise ConfigError([f"targets '{self.config.targets}' matches no layer of this {self.bridge.family.title} model."])
+        levels = self.bridge.unet_levels()
+        named = {self.bridge.family.kohya_unet_name(path, levels): module for path, module in targets.items()}
+        with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return AdapterNetwork(named, self.config.rank, self.config.alpha).to(self.bridge.device)
+
+    def prepare(self, host: Host) -> None:
+        """Encode every image once (VAE) and every distinct caption once (frozen text encoders)."""
+        captions = sorted({image.caption for image in self.dataset.images})
+        # Outside inference mode: cached tensors must be ordinary ones that autograd may save.
+        with torch.inference_mode(False), torch.no_grad():
+            prompts = dict(zip(captions, self.bridge.encode_prompts(captions)))
+            for image in self.dataset.images:
+                pixels, size = fit_square(image.load(), self.config.resolution)
+                latent = self.bridge.encode_images(torch.from_numpy(pixels)[None])[0].float().cpu()
+                self._examples.append(_Example(latent, prompts[image.caption], size))
+        host.emit(Notice(f"Encoded {len(self._examples)} images and {len(captions)} captions."))
+
+    def resume(self, folder: Path) -> None:
+        state = load_state(folder)
+        saved = LoRAConfig.from_dict(state.config)
+        if (saved.rank, saved.targets, saved.alpha) != (self.config.rank, self.config.targets, self.config.alpha):
+            raise ConfigError([
+                f"cannot resume {folder}: it was trained with rank {saved.rank}, alpha {saved.alpha}, targets "
+                f"'{saved.targets}'. Use those settings, or a new run name to start fresh."
+            ])
+        self.network.load_kohya_state_dict(state.network)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.generator.set_state(state.generator)
+        self.step, self.order, self.position = state.step, state.order, state.position
+        self._last_checkpoint = folder
+
+    # ----- training -----
+    def run(self, host: Host) -> TrainResult:
+        if not self._examples:
+            self.prepare(host)
+        # Hosts may call us under inference mode (ComfyUI runs every node in it).
+        with torch.inference_mode(False), torch.enable_grad(), self.bridge.training(self.network.attach, self.network.detach):
+            while self.step < self.config.steps:
+                if host.should_stop():
+                    return self._stop_early(host)
+                self._train_step(host)
+                if self._save_due():
+                    self._save(host, partial=True)
+        return TrainResult(self.step, False, self.losses, self._last_checkpoint)
+
+    def _train_step(self, host: Host) -> None:
+        began = time.perf_counter()
+        loss = self._loss(self._next_batch(), self.generator)
+        if not math.isfinite(loss.item()):
+            raise self._diverged(loss.item(), host)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self.losses.append(loss.item())
+        host.emit(StepDone(self.step, self.config.steps, loss.item(), self.config.learning_rate, time.perf_counter() - began))
+
+    def _loss(self, batch: list[_Example], generator: torch.Generator) -> torch.Tensor:
+        device = self.bridge.device
+        latents = torch.stack([example.latent for example in batch])
+        noise = torch.randn(latents.shape, generator=generator)
+        alphas = self.bridge.alphas_cumprod().cpu()
+        timesteps = sample_timesteps(len(batch), len(alphas), generator)
+        noisy = add_noise(latents, noise, alphas, timesteps)
+        target = training_target(self.bridge.prediction_type, latents, noise, alphas, timesteps)
+        prediction = self.bridge.predict(
+            noisy.to(device), timesteps.to(device), [e.prompt for e in batch], [e.size for e in batch]
+        )
+        return F.mse_loss(prediction.float(), target.to(device).float())
+
+    def evaluate(self, seed: int = 1234, draws: int = 4) -> float:
+        """Mean loss over every image at fixed noise and timesteps: comparable between steps and runs."""
+        if not self._examples:
+            raise RuntimeError("call prepare() before evaluate()")
+        generator = torch.Generator().manual_seed(seed)
+        losses = []
+        with torch.inference_mode(False), torch.no_grad(), self.bridge.training(self.network.attach, self.network.detach):
+            for _ in range(draws):
+                for example in self._examples:
+                    losses.append(self._loss([example], generator).item())
+        return sum(losses) / len(losses)
+
+    def _next_batch(self) -> list[_Example]:
+        """Shuffle once per epoch; the order and position are saved, so resume is exact."""
+        batch = []
+        while len(batch) < self.config.batch_size:
+            if self.position >= len(self.order):
+                self.order = torch.randperm(len(self._examples), generator=self.generator).tolist()
+                self.position = 0
+            batch.append(self._examples[self.order[self.position]])
+            self.position += 1
+        return batch
+
+    # ----- saving -----
+    def _save_due(self) -> bool:
+        every = self.config.save_every
+        return bool(every) and self.step % every == 0 and self.step < self.config.steps
+
+    def _save(self, host: Host, partial: bool) -> Path | None:
+        if self.run_dir is None:
+            return None
+        state = TrainState(
+            step=self.step,
+            network=self.network.kohya_state_dict(torch.float32),
+            optimizer=self.optimizer.state_dict(),
+            generator=self.generator.get_state(),
+            order=self.order,
+            position=self.position,
+            config=self.config.to_dict(),
+        )
+        self._last_checkpoint = save_state(self.run_dir, state)
+        host.emit(CheckpointSaved(self._last_checkpoint, self.step, partial))
+        return self._last_checkpoint
+
+    def _stop_early(self, host: Host) -> TrainResult:
+        folder = self._save(host, partial=True)
+        host.emit(Notice(f"Training stopped at step {self.step}/{self.config.steps}; resumable state: {folder}"))
+        return TrainResult(self.step, True, self.losses, folder)
+
+    def _diverged(self, loss: float, host: Host) -> TrainingDivergedError:
+        folder = self._save(host, partial=True)
+        return TrainingDivergedError(
+            f"The loss became {loss} at step {self.step + 1}: training diverged. Nothing after the last good "
+            f"step was kept (state: {folder}). Lower learning_rate (now {self.config.learning_rate}), e.g. by 10x."
+        )
+
+    def save_final(self, host: Host) -> Path | None:
+        return self._save(host, partial=False)
+
+    # ----- export -----
+    def export(self, output_name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The LoRA as kohya tensors (fp16) and its `ss_*` metadata."""
+        captions = [image.caption for image in self.dataset.images]
+        metadata = lora_metadata(
+            self.bridge.family,
+            self.config,
+            output_name=output_name,
+            steps_done=self.step,
+            num_images=len(captions),
+            tag_frequency=tag_frequency(captions),
+            started_at=self.started_at,
+            prediction_type=self.bridge.prediction_type,
+        )
+        return self.network.kohya_state_dict(EXPORT_DTYPE), metadata
