@@ -1,0 +1,112 @@
+"""ComfyModelBridge: the trainer's view of the MODEL, CLIP and VAE a ComfyUI graph has loaded.
+
+Nothing here copies base weights or mutates the host's MODEL: training runs on a clone whose
+injection (ComfyUI's per-clone seam) attaches the adapters while that clone is loaded.
+"""
+
+import logging
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.model_sampling
+from comfy.patcher_extension import PatcherInjection
+
+from ..trainer.families import get_family
+from ..trainer.frozen import FrozenBase
+from ..trainer.host import PromptEmbedding, SizeInfo
+from .conditioning import stack_contexts
+
+log = logging.getLogger(__name__)
+INJECTION_KEY = "tunekit.training"
+# ComfyUI's model config class -> TuneKit family name.
+COMFY_FAMILIES = {"SD15": "sd1", "SDXL": "sdxl"}
+
+
+def detect_family(patcher):
+    config_name = type(patcher.model.model_config).__name__
+    return get_family(COMFY_FAMILIES.get(config_name, config_name))
+
+
+def prediction_type(patcher) -> str:
+    sampling = patcher.model.model_sampling
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        return "v_prediction"
+    if isinstance(sampling, comfy.model_sampling.EPS):
+        return "epsilon"
+    raise ValueError(f"TuneKit trains epsilon and v-prediction models; this one uses {type(sampling).__name__}.")
+
+
+class ComfyModelBridge:
+    def __init__(self, model, clip, vae):
+        self.patcher, self.clip, self.vae = model, clip, vae
+        self.family = detect_family(model)
+        self.prediction_type = prediction_type(model)
+        self.device = model.load_device
+        base = model.model
+        self._dtype = base.manual_cast_dtype or base.get_dtype()
+
+    @property
+    def _base(self):
+        return self.patcher.model
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        sigmas = self._base.model_sampling.sigmas.float()
+        return 1 / (sigmas**2 + 1)
+
+    def denoiser_modules(self) -> dict[str, torch.nn.Module]:
+        return dict(self._base.diffusion_model.named_modules())
+
+    def unet_levels(self) -> list[int]:
+        config = self._base.model_config.unet_config
+        blocks = config["num_res_blocks"]
+        return list(blocks) if isinstance(blocks, (list, tuple)) else [blocks] * len(config["channel_mult"])
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._base.process_latent_in(self.vae.encode(pixels[..., :3]))
+
+    def encode_prompts(self, captions: Sequence[str]) -> list[PromptEmbedding]:
+        embeddings = []
+        for caption in captions:
+            context, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+            keep_pooled = self.family.size_conditioning and pooled is not None
+            embeddings.append(PromptEmbedding(context[0].cpu(), pooled[0].cpu() if keep_pooled else None))
+        return embeddings
+
+    def predict(self, noisy_latents, timesteps, prompts: Sequence[PromptEmbedding], sizes: Sequence[SizeInfo]):
+        device, dtype = noisy_latents.device, self._dtype
+        context = stack_contexts([prompt.context for prompt in prompts]).to(device, dtype)
+        extra = {}
+        if self.family.size_conditioning:
+            extra["y"] = torch.cat([self._size_embedding(p, s) for p, s in zip(prompts, sizes)]).to(device, dtype)
+        output = self._base.diffusion_model(noisy_latents.to(dtype), timesteps.float(), context=context, **extra)
+        return output.float()
+
+    def _size_embedding(self, prompt: PromptEmbedding, size: SizeInfo) -> torch.Tensor:
+        (height, width), (top, left), (target_h, target_w) = size.original, size.crop_top_left, size.target
+        return self._base.encode_adm(
+            pooled_output=prompt.pooled[None].to(self.device),
+            width=width, height=height, crop_w=left, crop_h=top, target_width=target_w, target_height=target_h,
+        )
+
+    @contextmanager
+    def training(self, attach, detach):
+        frozen = FrozenBase()
+
+        def inject(patcher):
+            frozen.apply(patcher.model.diffusion_model)
+            attach()
+
+        def eject(patcher):
+            detach()
+            frozen.restore()
+
+        clone = self.patcher.clone()
+        clone.set_injections(INJECTION_KEY, [PatcherInjection(inject=inject, eject=eject)])
+        comfy.model_management.load_models_gpu([clone], force_full_load=True)
+        try:
+            yield
+        finally:
+            clone.eject_model()

@@ -1,0 +1,11 @@
+"""Registers TuneKit's nodes with ComfyUI (V3 extension API, present from ComfyUI 0.3.75 on)."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .dataset_nodes import DatasetFromFolder, DatasetFromImages
+from .train_nodes import SaveLoRA, TrainLoRA
+
+
+class TuneKitExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [DatasetFromFolder, DatasetFromImages, TrainLoRA, SaveLoRA]

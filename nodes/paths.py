@@ -1,0 +1,60 @@
+"""Every folder a node receives is resolved and must stay inside the roots TuneKit may use."""
+
+import os
+import re
+from pathlib import Path
+
+import folder_paths
+
+from ..trainer.errors import TuneKitError
+
+# Extra dataset roots, separated like PATH (";" on Windows, ":" elsewhere).
+DATASET_ROOTS_ENV = "TUNEKIT_DATASET_ROOTS"
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
+
+
+class PathNotAllowed(TuneKitError):
+    pass
+
+
+def allowed_roots() -> list[Path]:
+    roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.get_user_directory()]
+    roots.append(folder_paths.models_dir)
+    roots.extend(filter(None, os.environ.get(DATASET_ROOTS_ENV, "").split(os.pathsep)))
+    return [Path(root).resolve() for root in roots]
+
+
+def resolve_dataset_folder(text: str) -> Path:
+    """A folder typed by the user: relative to ComfyUI's input directory, or absolute inside a root."""
+    text = text.strip()
+    if not text:
+        raise PathNotAllowed("No dataset folder given: type a folder name inside ComfyUI's input directory.")
+    candidate = Path(text).expanduser()
+    if not candidate.is_absolute():
+        candidate = Path(folder_paths.get_input_directory()) / candidate
+    resolved = candidate.resolve()
+    roots = allowed_roots()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise PathNotAllowed(
+            f"'{text}' is outside the folders TuneKit may read ({', '.join(map(str, roots))}). Move the images "
+            f"into ComfyUI's input folder, or add its parent to the {DATASET_ROOTS_ENV} environment variable."
+        )
+    return resolved
+
+
+def checked_name(value: str, what: str) -> str:
+    """A file or run name: no separators, no '..', nothing a path could escape with."""
+    value = value.strip()
+    if not SAFE_NAME.match(value) or ".." in value:
+        raise PathNotAllowed(
+            f"{what} '{value}' is not a plain name: use letters, digits, spaces, '_', '-' or '.' (no folders)."
+        )
+    return value
+
+
+def run_directory(run_name: str) -> Path:
+    return Path(folder_paths.get_output_directory()) / "tunekit" / checked_name(run_name, "run_name")
+
+
+def loras_directory() -> Path:
+    return Path(folder_paths.get_folder_paths("loras")[0])

@@ -1,0 +1,150 @@
+"""Train LoRA and Save LoRA: thin shells over trainer.TrainSession and the kohya writer."""
+
+import logging
+import re
+from pathlib import Path
+
+import comfy.model_management
+import comfy.sd
+from comfy_api.latest import io, ui
+
+from ..trainer.adapters import TARGET_PRESETS
+from ..trainer.adapters.kohya import save_lora
+from ..trainer.checkpoints import latest_state_folder
+from ..trainer.config import LoRAConfig
+from ..trainer.files import unused_path
+from ..trainer.session import TrainSession
+from .bridge import ComfyModelBridge
+from .dataset_nodes import DatasetType
+from .host import ComfyHost
+from .lora_type import KohyaLoRA
+from .paths import checked_name, loras_directory, run_directory
+
+log = logging.getLogger("tunekit")
+CATEGORY = "TuneKit/train"
+DEFAULTS = LoRAConfig()
+
+
+class TrainLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TuneKitTrainLoRA",
+            display_name="Train LoRA",
+            category=CATEGORY,
+            description=(
+                "Trains a LoRA on the MODEL your graph already loaded (no second copy of its weights) and returns "
+                "the MODEL with it applied, ready for KSampler. Cancel stops within a step and keeps a resumable state."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The loaded model to train on (SD 1.x or SDXL). It is not modified."),
+                io.Clip.Input("clip", tooltip="The model's text encoder(s), used to encode the captions (kept frozen)."),
+                io.Vae.Input("vae", tooltip="The model's VAE, used once to encode the training images."),
+                DatasetType.Input("dataset", tooltip="From a TuneKit dataset node."),
+                io.String.Input("run_name", default="tunekit_lora",
+                                tooltip="Names the LoRA and its folder of resumable states in output/tunekit/."),
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=1_000_000,
+                             tooltip="Optimizer steps. Roughly 100 per training image is a common start."),
+                io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate. 1e-4 is a safe start; lower it if the loss jumps or becomes NaN."),
+                io.Int.Input("rank", default=DEFAULTS.rank, min=1, max=256,
+                             tooltip="LoRA rank: capacity and file size. 4-32 is typical."),
+                io.Float.Input("alpha", default=DEFAULTS.alpha, min=0.01, max=1024.0, step=0.5,
+                               tooltip="Scales the LoRA by alpha / rank. Equal to the rank means scale 1."),
+                io.Int.Input("batch_size", default=DEFAULTS.batch_size, min=1, max=64,
+                             tooltip="Images per step. Larger needs more memory."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                             tooltip="Images are resized and centre-cropped to this square size (512 for SD 1.x, 1024 for SDXL)."),
+                io.Combo.Input("targets", options=list(TARGET_PRESETS), default=DEFAULTS.targets,
+                               tooltip="'transformer': every linear layer of the attention blocks (kohya's default). "
+                                       "'attention': only the q/k/v/out projections (smaller, faster)."),
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**63 - 1,
+                             tooltip="Seeds the LoRA's initialisation, noise, timesteps and image order."),
+                io.Int.Input("save_every", default=0, min=0, max=1_000_000,
+                             tooltip="Save a resumable state every N steps (0: only at the end and on Cancel)."),
+                io.Boolean.Input("resume", default=False,
+                                 tooltip="Continue the latest saved state of this run_name (after a Cancel, or to train longer)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The input model with the trained LoRA applied."),
+                io.Clip.Output(display_name="CLIP"),
+                io.Custom("LORA_MODEL").Output(display_name="lora", tooltip="The LoRA (kohya format) for Save LoRA."),
+                io.String.Output(display_name="report"),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, run_name, steps, learning_rate, rank, alpha, batch_size,
+                resolution, targets, seed, save_every, resume):
+        config = LoRAConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, batch_size=batch_size,
+                            resolution=resolution, seed=seed, targets=targets, save_every=save_every)
+        session, host = _start_session(ComfyModelBridge(model, clip, vae), dataset, config, run_name, resume, cls.hidden.unique_id)
+        result = session.run(host)
+        if result.stopped_early:
+            log.warning("TuneKit: training cancelled at step %d; resume it with resume=true and run_name '%s'. State: %s",
+                        result.steps_done, run_name, result.last_checkpoint)
+            raise comfy.model_management.InterruptProcessingException()
+        session.save_final(host)
+        lora = KohyaLoRA(*session.export(run_name))
+        trained_model, trained_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+        report = _report(session, result.losses)
+        log.info("TuneKit: %s", report)
+        return io.NodeOutput(trained_model, trained_clip, lora, report, ui=ui.PreviewText(report))
+
+
+def _start_session(bridge, dataset, config, run_name, resume, node_id):
+    base_dir = run_directory(run_name)
+    previous = _latest_run_state(base_dir)
+    if resume and previous:
+        session = TrainSession(bridge, dataset, config, previous.parent)
+        session.resume(previous)
+        log.info("TuneKit resumes run '%s' at step %d from %s", run_name, session.step, previous)
+    else:
+        if resume:
+            log.info("TuneKit: no saved state for run '%s' yet; starting fresh.", run_name)
+        session = TrainSession(bridge, dataset, config, unused_path(base_dir))
+    return session, ComfyHost(node_id, config.steps)
+
+
+def _latest_run_state(base_dir: Path) -> Path | None:
+    """The newest resumable state of `run_name`, also in its `run_name_N` folders."""
+    pattern = re.compile(re.escape(base_dir.name) + r"(_\d+)?$")
+    folders = [d for d in base_dir.parent.glob(f"{base_dir.name}*") if pattern.match(d.name)] if base_dir.parent.is_dir() else []
+    states = [state for state in map(latest_state_folder, folders) if state]
+    return max(states, key=lambda state: state.stat().st_mtime, default=None)
+
+
+def _report(session: TrainSession, losses: list[float]) -> str:
+    window = max(1, len(losses) // 10)
+    start = sum(losses[:window]) / window if losses else float("nan")
+    end = sum(losses[-window:]) / window if losses else float("nan")
+    return (f"Trained {session.step} steps on {len(session.dataset)} images; mean loss first {window} steps "
+            f"{start:.4f}, last {window} steps {end:.4f}. Run folder: {session.run_dir}")
+
+
+class SaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TuneKitSaveLoRA",
+            display_name="Save LoRA",
+            category=CATEGORY,
+            description="Writes the LoRA into models/loras (kohya format with metadata) where LoraLoader lists it. Never overwrites.",
+            is_output_node=True,
+            inputs=[
+                io.Custom("LORA_MODEL").Input("lora", tooltip="From Train LoRA."),
+                io.String.Input("filename", default="tunekit_lora",
+                                tooltip="File name in models/loras; an existing file is kept and a _2, _3... suffix added."),
+            ],
+            outputs=[io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def execute(cls, lora, filename):
+        name = checked_name(filename.removesuffix(".safetensors"), "filename")
+        path = unused_path(loras_directory() / f"{name}.safetensors")
+        metadata = {**getattr(lora, "metadata", {}), "ss_output_name": path.stem, "modelspec.title": path.stem}
+        save_lora(path, dict(lora), metadata)
+        log.info("TuneKit saved LoRA %s", path)
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"Saved {path.name} in {path.parent}"))
