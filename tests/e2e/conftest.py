@@ -1,0 +1,62 @@
+"""End-to-end fixtures: ONE real ComfyUI server per test session, driven over HTTP.
+
+Run inside the host's venv (provisioned by `python3 tools/comfy_host.py provision --test-deps`):
+
+    .cache/hosts/comfyui-0.3.75/venv/bin/python -m pytest tests/e2e -q
+
+The host version comes from TUNEKIT_COMFY_VERSION (default 0.3.75). The server is shared by
+every test, so tests must not depend on each other's leftovers: use unique filename prefixes.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+import comfy_host as harness  # noqa: E402
+
+E2E_DIR = Path(__file__).resolve().parent
+_LOG_MARK = pytest.StashKey[int]()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: end-to-end test against a real ComfyUI server (tools/comfy_host.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Everything under tests/e2e needs the server: mark it here so no test can forget.
+    for item in items:
+        if E2E_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def comfy_host() -> "harness.Host":
+    """The provisioned host; provision() only checks its stamps when the host is already built."""
+    return harness.provision(os.environ.get("TUNEKIT_COMFY_VERSION", harness.DEFAULT_VERSION))
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_host, tmp_path_factory) -> "harness.ComfyServer":
+    """A running ComfyUI with TuneKit linked in as ComfyUI-TuneKit; its folders live in a temp workdir."""
+    server = harness.start_server(comfy_host, tmp_path_factory.mktemp("comfy"))
+    yield server
+    server.stop()
+
+
+def pytest_runtest_call(item):
+    server = getattr(item, "funcargs", {}).get("comfy")
+    if server is not None:
+        item.stash[_LOG_MARK] = server.log_mark()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # A failed e2e test shows what the server logged while it ran: tracebacks live there.
+    outcome = yield
+    report = outcome.get_result()
+    server = getattr(item, "funcargs", {}).get("comfy")
+    if report.when == "call" and report.failed and server is not None and _LOG_MARK in item.stash:
+        report.sections.append(("ComfyUI server log during this test", server.log_text(item.stash[_LOG_MARK])))
