@@ -80,10 +80,13 @@ class TrainLoRA(io.ComfyNode):
         config = LoRAConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, batch_size=batch_size,
                             resolution=resolution, seed=seed, targets=targets, save_every=save_every)
         session, host = _start_session(ComfyModelBridge(model, clip, vae), dataset, config, run_name, resume, cls.hidden.unique_id)
-        result = session.run(host)
+        try:
+            result = session.run(host)
+        except comfy.model_management.InterruptProcessingException:
+            _log_cancelled(session, run_name)
+            raise
         if result.stopped_early:
-            log.warning("TuneKit: training cancelled at step %d; resume it with resume=true and run_name '%s'. State: %s",
-                        result.steps_done, run_name, result.last_checkpoint)
+            _log_cancelled(session, run_name)
             raise comfy.model_management.InterruptProcessingException()
         session.save_final(host)
         lora = KohyaLoRA(*session.export(run_name))
@@ -91,6 +94,11 @@ class TrainLoRA(io.ComfyNode):
         report = _report(session, result.losses)
         log.info("TuneKit: %s", report)
         return io.NodeOutput(trained_model, trained_clip, lora, report, ui=ui.PreviewText(report))
+
+
+def _log_cancelled(session: TrainSession, run_name: str) -> None:
+    log.warning("TuneKit: training cancelled at step %d. To continue, queue again with resume=true and run_name "
+                "'%s'. Resumable state: %s", session.step, run_name, session.last_checkpoint)
 
 
 def _start_session(bridge, dataset, config, run_name, resume, node_id):

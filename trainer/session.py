@@ -52,6 +52,7 @@ class TrainSession:
         self.started_at = time.time()
         self._examples: list[_Example] = []
         self._last_checkpoint: Path | None = None
+        self._step_start: tuple | None = None  # RNG and batch position before the running step
 
     # ----- setup -----
     def _build_network(self) -> AdapterNetwork:
@@ -77,41 +78,56 @@ class TrainSession:
         host.emit(Notice(f"Encoded {len(self._examples)} images and {len(captions)} captions."))
 
     def resume(self, folder: Path) -> None:
-        state = load_state(folder)
-        saved = LoRAConfig.from_dict(state.config)
+        # Outside inference mode: loaded optimizer state is updated in place by every step.
+        with torch.inference_mode(False):
+            state = load_state(folder)
+            self._check_resumable(folder, LoRAConfig.from_dict(state.config))
+            self.network.load_kohya_state_dict(state.network)
+            self.optimizer.load_state_dict(state.optimizer)
+            self.generator.set_state(state.generator)
+        self.step, self.order, self.position = state.step, state.order, state.position
+        self._last_checkpoint = folder
+
+    def _check_resumable(self, folder: Path, saved: LoRAConfig) -> None:
         if (saved.rank, saved.targets, saved.alpha) != (self.config.rank, self.config.targets, self.config.alpha):
             raise ConfigError([
                 f"cannot resume {folder}: it was trained with rank {saved.rank}, alpha {saved.alpha}, targets "
                 f"'{saved.targets}'. Use those settings, or a new run name to start fresh."
             ])
-        self.network.load_kohya_state_dict(state.network)
-        self.optimizer.load_state_dict(state.optimizer)
-        self.generator.set_state(state.generator)
-        self.step, self.order, self.position = state.step, state.order, state.position
-        self._last_checkpoint = folder
 
     # ----- training -----
     def run(self, host: Host) -> TrainResult:
         if not self._examples:
             self.prepare(host)
-        # Hosts may call us under inference mode (ComfyUI runs every node in it).
-        with torch.inference_mode(False), torch.enable_grad(), self.bridge.training(self.network.attach, self.network.detach):
-            while self.step < self.config.steps:
-                if host.should_stop():
-                    return self._stop_early(host)
-                self._train_step(host)
-                if self._save_due():
-                    self._save(host, partial=True)
+        try:
+            # Hosts may call us under inference mode (ComfyUI runs every node in it).
+            with torch.inference_mode(False), torch.enable_grad(), self.bridge.training(self.network.attach, self.network.detach):
+                while self.step < self.config.steps:
+                    if host.should_stop():
+                        return self._stop_early(host)
+                    self._train_step(host)
+                    if self._save_due():
+                        self._save(host, partial=True)
+        except BaseException:
+            # Cancelled from inside the model (ComfyUI raises in its ops), out of memory, NaN...:
+            # keep every completed step.
+            self._keep_progress(host)
+            raise
         return TrainResult(self.step, False, self.losses, self._last_checkpoint)
 
     def _train_step(self, host: Host) -> None:
         began = time.perf_counter()
+        self._step_start = (self.generator.get_state(), list(self.order), self.position)
         loss = self._loss(self._next_batch(), self.generator)
         if not math.isfinite(loss.item()):
-            raise self._diverged(loss.item(), host)
+            raise TrainingDivergedError(
+                f"The loss became {loss.item()} at step {self.step + 1}: training diverged. The last good state "
+                f"is kept. Lower learning_rate (now {self.config.learning_rate}), e.g. by 10x."
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self._step_start = None
         self.step += 1
         self.losses.append(loss.item())
         host.emit(StepDone(self.step, self.config.steps, loss.item(), self.config.learning_rate, time.perf_counter() - began))
@@ -178,12 +194,23 @@ class TrainSession:
         host.emit(Notice(f"Training stopped at step {self.step}/{self.config.steps}; resumable state: {folder}"))
         return TrainResult(self.step, True, self.losses, folder)
 
-    def _diverged(self, loss: float, host: Host) -> TrainingDivergedError:
-        folder = self._save(host, partial=True)
-        return TrainingDivergedError(
-            f"The loss became {loss} at step {self.step + 1}: training diverged. Nothing after the last good "
-            f"step was kept (state: {folder}). Lower learning_rate (now {self.config.learning_rate}), e.g. by 10x."
-        )
+    def _keep_progress(self, host: Host) -> None:
+        """Roll back a half-done step (its random draws), then save the last completed one."""
+        if self._step_start is not None:
+            generator_state, self.order, self.position = self._step_start
+            self.generator.set_state(generator_state)
+            self._step_start = None
+        try:
+            folder = self._save(host, partial=True)
+        except Exception:
+            log.exception("TuneKit could not save the training state at step %d", self.step)
+            return
+        if folder:
+            host.emit(Notice(f"Training stopped at step {self.step}/{self.config.steps}; resumable state: {folder}"))
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self._last_checkpoint
 
     def save_final(self, host: Host) -> Path | None:
         return self._save(host, partial=False)

@@ -85,6 +85,38 @@ def test_resume_continues_exactly_where_a_cancelled_run_stopped(tmp_path):
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
+class CrashingHost(RecordingHost):
+    """Raises from inside the model's forward, as ComfyUI's ops do on Cancel."""
+
+    def __init__(self, bridge, crash_in_step: int):
+        super().__init__()
+        self.forwards, self.crash_at = 0, crash_in_step
+        bridge.denoiser.out.register_forward_hook(self._maybe_crash)
+
+    def _maybe_crash(self, *args):
+        self.forwards += 1
+        if self.forwards == self.crash_at:
+            raise KeyboardInterrupt("cancelled mid-step")
+
+
+def test_an_exception_mid_step_keeps_every_completed_step_and_resumes_exactly(tmp_path):
+    straight = make_session(steps=8)
+    straight.run(NullHost())
+
+    bridge = FakeBridge()
+    crashing = make_session(tmp_path, bridge=bridge, steps=8)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.run(CrashingHost(bridge, crash_in_step=4))
+    folder = latest_state_folder(tmp_path)
+    assert folder.name == "step_000003"
+
+    resumed = make_session(tmp_path, steps=8)
+    resumed.resume(folder)
+    resumed.run(NullHost())
+    expected, actual = straight.network.kohya_state_dict(), resumed.network.kohya_state_dict()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
 def test_resume_refuses_a_different_rank(tmp_path):
     make_session(tmp_path, steps=2, save_every=1).run(NullHost())
     other = make_session(tmp_path, steps=4, rank=8, alpha=8)
@@ -116,3 +148,12 @@ def test_invalid_settings_are_reported_together():
         make_session(steps=0, rank=0, resolution=100)
     message = str(raised.value)
     assert "steps is 0" in message and "rank is 0" in message and "resolution is 100" in message
+
+
+def test_a_session_built_and_resumed_under_inference_mode_trains(tmp_path):
+    """ComfyUI runs every node under torch.inference_mode()."""
+    make_session(tmp_path, steps=2, save_every=1).run(NullHost())
+    with torch.inference_mode():
+        session = make_session(tmp_path, steps=4)
+        session.resume(latest_state_folder(tmp_path))
+        assert session.run(NullHost()).steps_done == 4
