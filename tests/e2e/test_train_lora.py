@@ -6,6 +6,7 @@ Learning is measured in latent space (HOST_NOTES: a random VAE makes pixel dista
 import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,11 @@ def test_unsupported_model_family(comfy, red_dataset):
 def test_folder_outside_the_allowed_roots(comfy, sd15):
     message = failure_of(comfy, train_graph(sd15, "../../../../etc", "e2e_bad", steps=1, lora_file="e2e_bad"))
     assert "outside the folders TuneKit may read" in message and "TUNEKIT_DATASET_ROOTS" in message
+
+
+def test_the_progress_display_is_served_to_the_frontend(comfy):
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    extensions = direct.open(f"{comfy.url}/extensions").read().decode()
+    assert "/extensions/ComfyUI-TuneKit/tunekit.js" in extensions
+    script = direct.open(f"{comfy.url}/extensions/ComfyUI-TuneKit/tunekit.js").read().decode()
+    assert "tunekit.progress" in script
