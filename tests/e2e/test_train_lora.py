@@ -251,3 +251,21 @@ def test_the_progress_display_is_served_to_the_frontend(comfy):
     assert "/extensions/ComfyUI-TuneKit/tunekit.js" in extensions
     script = direct.open(f"{comfy.url}/extensions/ComfyUI-TuneKit/tunekit.js").read().decode()
     assert "tunekit.progress" in script
+
+
+def test_images_from_the_graph_train_too(comfy, sd15):
+    graph = train_graph(sd15, "unused", "e2e_graph_images", steps=2, lora_file="e2e_graph_images")
+    graph["image"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 3, "color": 0xDC1E28}}
+    graph["data"] = {"class_type": "TuneKitDatasetFromImages", "inputs": {
+        "images": ["image", 0], "captions": "a red square", "trigger_word": "tkred"}}
+    mark = comfy.log_mark()
+    comfy.run(graph)
+    assert "Trained 2 steps on 3 images" in comfy.log_text(mark)
+
+
+def test_caption_lines_must_match_the_images(comfy, sd15):
+    graph = train_graph(sd15, "unused", "e2e_bad", steps=1, lora_file="e2e_bad")
+    graph["image"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 3, "color": 0}}
+    graph["data"] = {"class_type": "TuneKitDatasetFromImages", "inputs": {
+        "images": ["image", 0], "captions": "one\ntwo", "trigger_word": ""}}
+    assert "2 caption lines for 3 images" in failure_of(comfy, graph)

@@ -47,6 +47,20 @@ def test_only_adapter_parameters_get_gradients_and_the_base_is_untouched():
         assert torch.equal(parameter, base[name]), f"{name} changed"
 
 
+def test_training_uses_the_host_weights_in_place_without_a_copy():
+    bridge = FakeBridge()
+    original = {name: p.data_ptr() for name, p in bridge.denoiser.named_parameters()}
+    seen = {}
+
+    class PointerHost(RecordingHost):
+        def emit(self, event):
+            seen.update({name: p.data_ptr() for name, p in bridge.denoiser.named_parameters()})
+            super().emit(event)
+
+    make_session(bridge=bridge, steps=1).run(PointerHost())
+    assert seen == original
+
+
 def test_adapters_start_as_a_no_op_and_hooks_come_off_after_training():
     bridge = FakeBridge()
     session = make_session(bridge=bridge, steps=2)
