@@ -46,6 +46,23 @@ def comfy(comfy_host, tmp_path_factory) -> "harness.ComfyServer":
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def demo_files(comfy) -> dict:
+    """The files example_workflows/ name, placed once: a tiny random SD1.5 checkpoint in models/checkpoints
+    and the bundled demo dataset (assets/demo_dataset, trigger word tkdemo) in input/tunekit_dataset."""
+    import shutil
+
+    import tiny_models  # torch: only sessions that need the checkpoint pay for the import
+
+    checkpoint = comfy.models_dir / "checkpoints" / "tunekit_tiny_sd15.safetensors"
+    dataset = comfy.input_dir / "tunekit_dataset"
+    if not checkpoint.exists():
+        tiny_models.make_sd15(checkpoint)
+    if not dataset.exists():
+        shutil.copytree(REPO / "assets" / "demo_dataset", dataset)
+    return {"checkpoint": checkpoint, "dataset": dataset}
+
+
 def pytest_runtest_call(item):
     server = getattr(item, "funcargs", {}).get("comfy")
     if server is not None:
