@@ -58,7 +58,8 @@ class TrainLoRA(io.ComfyNode):
                 io.Combo.Input("targets", options=list(TARGET_PRESETS), default=DEFAULTS.targets,
                                tooltip="'transformer': every linear layer of the attention blocks (kohya's default). "
                                        "'attention': only the q/k/v/out projections (smaller, faster)."),
-                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**63 - 1,
+                # No "randomize after queue": a new seed would retrain on every queued prompt.
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seeds the LoRA's initialisation, noise, timesteps and image order."),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000,
                              tooltip="Save a resumable state every N steps (0: only at the end and on Cancel)."),
