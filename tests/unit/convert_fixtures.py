@@ -1,0 +1,73 @@
+"""Tiny LoRA dicts and UNet key layouts for the conversion tests (no model, no file unless asked)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import tiny_models
+
+# The real models' UNet configs in tiny_models' terms: only key names are made from them, no tensor.
+REAL_UNETS = {
+    "sd1": dict(model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2] * 4,
+                transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+                transformer_depth_output=[1] * 9 + [0] * 3, context_dim=768,
+                use_linear_in_transformer=False, adm_in_channels=None),
+    "sdxl": dict(model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=[2] * 3,
+                 transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_middle=10,
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], context_dim=2048,
+                 use_linear_in_transformer=True, adm_in_channels=2816),
+}
+
+
+def real_unet_modules(family: str) -> list[str]:
+    """Every weight-bearing UNet layer of the real SD1/SDXL model, ldm naming (no `.weight`)."""
+    layout = tiny_models._Layout()
+    tiny_models._unet(layout, REAL_UNETS[family], prefix="")
+    return [key[: -len(".weight")] for key in layout.items if key.endswith(".weight")]
+
+
+def lora_pair(out_features: int, in_features: int, rank: int, conv: bool = False, seed: int = 0,
+              dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    down = torch.randn((rank, in_features, 3, 3) if conv else (rank, in_features), generator=generator)
+    up = torch.randn((out_features, rank, 1, 1) if conv else (out_features, rank), generator=generator)
+    return (up * 0.01).to(dtype), (down * 0.01).to(dtype)
+
+
+def add_lora(tensors: dict, name: str, out_features: int, in_features: int, rank: int = 4, alpha: float | None = 2.0,
+             conv: bool = False, seed: int = 0, dtype=torch.float32) -> dict:
+    up, down = lora_pair(out_features, in_features, rank, conv, seed, dtype)
+    tensors[f"{name}.lora_up.weight"] = up
+    tensors[f"{name}.lora_down.weight"] = down
+    if alpha is not None:
+        tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return tensors
+
+
+def kohya_sd1() -> dict[str, torch.Tensor]:
+    """A kohya SD1 LoCon: attention, res-block convs, a downsampler, an upsampler, mixed ranks/alphas, the TE."""
+    t: dict = {}
+    add_lora(t, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 320, 768, seed=1)
+    add_lora(t, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0", 320, 320, rank=8, alpha=4, seed=2)
+    add_lora(t, "lora_unet_down_blocks_1_resnets_0_conv1", 640, 320, conv=True, seed=3)
+    add_lora(t, "lora_unet_down_blocks_0_downsamplers_0_conv", 320, 320, conv=True, seed=4)
+    add_lora(t, "lora_unet_up_blocks_1_upsamplers_0_conv", 1280, 1280, conv=True, seed=5)
+    add_lora(t, "lora_unet_mid_block_resnets_1_time_emb_proj", 1280, 1280, alpha=1, seed=6)
+    add_lora(t, "lora_unet_up_blocks_3_attentions_2_proj_out", 320, 320, seed=7)
+    for index, projection in enumerate(("q_proj", "k_proj", "v_proj", "out_proj")):
+        add_lora(t, f"lora_te_text_model_encoder_layers_11_self_attn_{projection}", 768, 768, seed=10 + index)
+    add_lora(t, "lora_te_text_model_encoder_layers_0_mlp_fc1", 3072, 768, seed=20)
+    return t
+
+
+def kohya_sdxl(dtype=torch.float16) -> dict[str, torch.Tensor]:
+    t: dict = {}
+    add_lora(t, "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k", 640, 2048, seed=1, dtype=dtype)
+    add_lora(t, "lora_unet_output_blocks_2_2_conv", 1280, 1280, conv=True, seed=2, dtype=dtype)
+    add_lora(t, "lora_unet_middle_block_1_transformer_blocks_9_ff_net_0_proj", 10240, 1280, seed=3, dtype=dtype)
+    add_lora(t, "lora_unet_label_emb_0_0", 1280, 2816, seed=4, dtype=dtype)
+    add_lora(t, "lora_te1_text_model_encoder_layers_5_self_attn_q_proj", 768, 768, seed=5, dtype=dtype)
+    add_lora(t, "lora_te2_text_model_encoder_layers_31_mlp_fc2", 1280, 5120, rank=2, seed=6, dtype=dtype)
+    return t
