@@ -4,4 +4,6 @@ Small modules, one job each:
 - unet_names, kohya_names, arch: layer names in every naming and the facts of SD1 / SD2 / SDXL files.
 - lora_keys, lora_detect, lora_metadata, lora_file: LoRA files between kohya, diffusers/PEFT and ComfyUI.
 - io: reading with errors a user can act on; writing with nothing half-written left behind.
+- ckpt, tensor_files, checkpoint: `.ckpt` read without running it, files streamed tensor by tensor,
+  precision / EMA pruning / VAE baking.
 """
