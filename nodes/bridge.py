@@ -4,6 +4,7 @@ Nothing here copies base weights or mutates the host's MODEL: training runs on a
 injection (ComfyUI's per-clone seam) attaches the adapters while that clone is loaded.
 """
 
+import hashlib
 import logging
 from contextlib import contextmanager
 from typing import Sequence
@@ -66,6 +67,20 @@ class ComfyModelBridge:
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._base.process_latent_in(self.vae.encode(pixels[..., :3]))
+
+    def vae_identity(self) -> str:
+        """The VAE's weights (hashed once per loaded VAE), its dtype and the model's latent scale."""
+        weights = getattr(self.vae, "_tunekit_identity", None)
+        if weights is None:
+            digest = hashlib.blake2b(digest_size=16)
+            for name, tensor in sorted(self.vae.first_stage_model.state_dict().items()):
+                digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+                digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+            weights = digest.hexdigest()
+            self.vae._tunekit_identity = weights
+        latent = self._base.latent_format
+        scale = f"{type(latent).__name__}:{latent.scale_factor}:{getattr(latent, 'shift_factor', None)}"
+        return f"vae {weights} {getattr(self.vae, 'vae_dtype', '')} {scale}"
 
     def encode_prompts(self, captions: Sequence[str]) -> list[PromptEmbedding]:
         embeddings = []

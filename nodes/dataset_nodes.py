@@ -5,7 +5,7 @@ import logging
 import numpy as np
 from comfy_api.latest import io
 
-from ..trainer.data import MISSING_CAPTION_POLICIES, Dataset, TrainImage, scan_image_folder
+from ..trainer.data import MISSING_CAPTION_POLICIES, dataset_from_pixels, scan_image_folder
 from ..trainer.errors import DatasetError
 from .paths import resolve_dataset_folder
 
@@ -72,7 +72,7 @@ class DatasetFromImages(io.ComfyNode):
     def execute(cls, images, captions, trigger_word):
         captions_per_image = _captions_for(len(images), captions, trigger_word)
         pixels = (images[..., :3].clamp(0, 1) * 255).round().to("cpu").numpy().astype(np.uint8)
-        dataset = Dataset([TrainImage(f"graph image {i}", c, pixels[i]) for i, c in enumerate(captions_per_image)])
+        dataset = dataset_from_pixels(pixels, captions_per_image)
         return io.NodeOutput(dataset, dataset.summary())
 
 

@@ -28,6 +28,7 @@ class TrainState:
     order: list[int]
     position: int
     config: dict
+    dataset: str = ""  # fingerprint of the planned dataset the order indexes
 
 
 def save_state(run_dir: Path, state: TrainState) -> Path:
@@ -42,6 +43,7 @@ def save_state(run_dir: Path, state: TrainState) -> Path:
         "order": state.order,
         "position": state.position,
         "config": json.dumps(state.config),
+        "dataset": state.dataset,
     }
     atomic_write(folder / "state.pt", lambda temp: torch.save(extras, temp))
     _prune(run_dir, keep=folder)
@@ -63,6 +65,7 @@ def load_state(folder: Path) -> TrainState:
         order=list(extras["order"]),
         position=extras["position"],
         config=json.loads(extras["config"]),
+        dataset=extras.get("dataset", ""),
     )
 
 

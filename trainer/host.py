@@ -66,6 +66,10 @@ class ModelBridge(Protocol):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, H, W, 3] in 0..1 -> latents in the denoiser's (scaled) space."""
 
+    def vae_identity(self) -> str:
+        """A string that changes whenever `encode_images` would give other latents for the same pixels
+        (other VAE weights or dtype, another latent scale): part of every cached latent's key."""
+
     def encode_prompts(self, captions: Sequence[str]) -> list[PromptEmbedding]: ...
 
     def predict(

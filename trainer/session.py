@@ -1,5 +1,6 @@
 """TrainSession: prepare caches, run steps, save, resume, export. `run()` reads like a table of contents."""
 
+import hashlib
 import logging
 import math
 import time
@@ -13,10 +14,12 @@ from .adapters import AdapterNetwork, select_targets
 from .adapters.kohya import lora_metadata, tag_frequency
 from .checkpoints import TrainState, load_state, save_state
 from .config import LoRAConfig
-from .data import Dataset, fit_square
+from .data import Dataset
+from .data.feed import Example, TrainingFeed
+from .data.plan import DatasetPlan, epoch_batches, plan_dataset
 from .errors import ConfigError, DatasetError, TrainingDivergedError
 from .events import CheckpointSaved, Notice, StepDone
-from .host import Host, ModelBridge, PromptEmbedding, SizeInfo
+from .host import Host, ModelBridge
 from .noise import add_noise, sample_timesteps, training_target
 
 log = logging.getLogger(__name__)
@@ -31,26 +34,31 @@ class TrainResult:
     last_checkpoint: Path | None = None
 
 
-@dataclass
-class _Example:
-    latent: torch.Tensor  # [C, h, w] on the CPU
-    prompt: PromptEmbedding
-    size: SizeInfo
-
-
 class TrainSession:
-    def __init__(self, bridge: ModelBridge, dataset: Dataset, config: LoRAConfig, run_dir: Path | None = None):
+    def __init__(
+        self,
+        bridge: ModelBridge,
+        dataset: Dataset,
+        config: LoRAConfig,
+        run_dir: Path | None = None,
+        cache_dir: Path | None = None,
+    ):
         config.validate()
         if not len(dataset):
             raise DatasetError("The dataset is empty: give the trainer at least one image.")
         self.bridge, self.dataset, self.config, self.run_dir = bridge, dataset, config, run_dir
+        self.plan: DatasetPlan = plan_dataset(dataset, config.resolution)
+        if not self.plan.items:
+            reasons = "; ".join(f"{Path(s.source).name}: {s.reason}" for s in self.plan.unassigned[:5])
+            raise DatasetError(f"No image of the dataset fits a bucket ({reasons}).")
+        self.feed = TrainingFeed(bridge, self.plan, config.seed, cache_dir)
         self.network = self._build_network()
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.learning_rate)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.step, self.order, self.position = 0, [], 0
+        self.step, self.order, self.position = 0, [], 0  # order: this epoch's batches (plan item indices)
         self.losses: list[float] = []
         self.started_at = time.time()
-        self._examples: list[_Example] = []
+        self._prepared = False
         self._last_checkpoint: Path | None = None
         self._step_start: tuple | None = None  # RNG and batch position before the running step
 
@@ -66,16 +74,24 @@ class TrainSession:
             return AdapterNetwork(named, self.config.rank, self.config.alpha).to(self.bridge.device)
 
     def prepare(self, host: Host) -> None:
-        """Encode every image once (VAE) and every distinct caption once (frozen text encoders)."""
-        captions = sorted({image.caption for image in self.dataset.images})
+        """Encode every fixed-crop image once (VAE, or the latent cache) and every caption that never
+        changes once (frozen text encoders)."""
+        for skipped in self.plan.unassigned:
+            host.emit(Notice(f"Not trained: {skipped.source}: {skipped.reason}"))
         # Outside inference mode: cached tensors must be ordinary ones that autograd may save.
         with torch.inference_mode(False), torch.no_grad():
-            prompts = dict(zip(captions, self.bridge.encode_prompts(captions)))
-            for image in self.dataset.images:
-                pixels, size = fit_square(image.load(), self.config.resolution)
-                latent = self.bridge.encode_images(torch.from_numpy(pixels)[None])[0].float().cpu()
-                self._examples.append(_Example(latent, prompts[image.caption], size))
-        host.emit(Notice(f"Encoded {len(self._examples)} images and {len(captions)} captions."))
+            self.feed.prepare()
+        self._prepared = True
+        cache = self.feed.cache
+        host.emit(Notice(
+            f"Encoded {self.feed.encoded} images ({cache.hits} latents from the cache) and {len(self.feed.prompts)} "
+            f"captions; {len(self.plan.items)} images in {len(self.plan.bucket_counts())} buckets, "
+            f"{self.steps_per_epoch} steps per epoch."
+        ))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.batches_per_epoch(self.config.batch_size)
 
     def resume(self, folder: Path) -> None:
         # Outside inference mode: loaded optimizer state is updated in place by every step.
@@ -86,6 +102,9 @@ class TrainSession:
             self.optimizer.load_state_dict(state.optimizer)
             self.generator.set_state(state.generator)
         self.step, self.order, self.position = state.step, state.order, state.position
+        if state.dataset and state.dataset != self.plan_fingerprint():
+            log.warning("TuneKit: the dataset changed since %s was saved: a new epoch starts.", folder)
+            self.order, self.position = [], 0
         self._last_checkpoint = folder
 
     def _check_resumable(self, folder: Path, saved: LoRAConfig) -> None:
@@ -97,7 +116,7 @@ class TrainSession:
 
     # ----- training -----
     def run(self, host: Host) -> TrainResult:
-        if not self._examples:
+        if not self._prepared:
             self.prepare(host)
         try:
             # Hosts may call us under inference mode (ComfyUI runs every node in it).
@@ -118,7 +137,9 @@ class TrainSession:
     def _train_step(self, host: Host) -> None:
         began = time.perf_counter()
         self._step_start = (self.generator.get_state(), list(self.order), self.position)
-        loss = self._loss(self._next_batch(), self.generator)
+        with torch.no_grad():
+            batch = self._next_batch()
+        loss = self._loss(batch, self.generator)
         if not math.isfinite(loss.item()):
             raise TrainingDivergedError(
                 f"The loss became {loss.item()} at step {self.step + 1}: training diverged. The last good state "
@@ -132,7 +153,7 @@ class TrainSession:
         self.losses.append(loss.item())
         host.emit(StepDone(self.step, self.config.steps, loss.item(), self.config.learning_rate, time.perf_counter() - began))
 
-    def _loss(self, batch: list[_Example], generator: torch.Generator) -> torch.Tensor:
+    def _loss(self, batch: list[Example], generator: torch.Generator) -> torch.Tensor:
         device = self.bridge.device
         latents = torch.stack([example.latent for example in batch])
         noise = torch.randn(latents.shape, generator=generator)
@@ -143,30 +164,37 @@ class TrainSession:
         prediction = self.bridge.predict(
             noisy.to(device), timesteps.to(device), [e.prompt for e in batch], [e.size for e in batch]
         )
-        return F.mse_loss(prediction.float(), target.to(device).float())
+        return weighted_mse(prediction.float(), target.to(device).float(), batch)
 
     def evaluate(self, seed: int = 1234, draws: int = 4) -> float:
         """Mean loss over every image at fixed noise and timesteps: comparable between steps and runs."""
-        if not self._examples:
+        if not self._prepared:
             raise RuntimeError("call prepare() before evaluate()")
         generator = torch.Generator().manual_seed(seed)
         losses = []
+        with torch.inference_mode(False), torch.no_grad():
+            examples = self.feed.fixed_examples()
         with torch.inference_mode(False), torch.no_grad(), self.bridge.training(self.network.attach, self.network.detach):
             for _ in range(draws):
-                for example in self._examples:
+                for example in examples:
                     losses.append(self._loss([example], generator).item())
         return sum(losses) / len(losses)
 
-    def _next_batch(self) -> list[_Example]:
-        """Shuffle once per epoch; the order and position are saved, so resume is exact."""
-        batch = []
-        while len(batch) < self.config.batch_size:
-            if self.position >= len(self.order):
-                self.order = torch.randperm(len(self._examples), generator=self.generator).tolist()
-                self.position = 0
-            batch.append(self._examples[self.order[self.position]])
-            self.position += 1
-        return batch
+    def _next_batch(self) -> list[Example]:
+        """The next batch of one bucket. Batches are drawn once per epoch; the order and position are
+        saved, and every random choice inside a step is seeded by the step, so resume is exact."""
+        if self.position >= len(self.order):
+            self.order = epoch_batches(self.plan, self.config.batch_size, self.generator)
+            self.position = 0
+        indices = self.order[self.position]
+        self.position += 1
+        epoch = self.step // self.steps_per_epoch + 1
+        return self.feed.batch(indices, self.step, epoch, self.config.steps)
+
+    def plan_fingerprint(self) -> str:
+        """Identifies the planned items (content, bucket, repeats): a saved order is only valid for them."""
+        parts = [(i.image.digest or i.image.source, i.assignment.bucket, i.repeats) for i in self.plan.items]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()
 
     # ----- saving -----
     def _save_due(self) -> bool:
@@ -184,6 +212,7 @@ class TrainSession:
             order=self.order,
             position=self.position,
             config=self.config.to_dict(),
+            dataset=self.plan_fingerprint(),
         )
         self._last_checkpoint = save_state(self.run_dir, state)
         host.emit(CheckpointSaved(self._last_checkpoint, self.step, partial))
@@ -230,3 +259,15 @@ class TrainSession:
             prediction_type=self.bridge.prediction_type,
         )
         return self.network.kohya_state_dict(EXPORT_DTYPE), metadata
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, batch: list[Example]) -> torch.Tensor:
+    """MSE; with masks or loss weights, kohya's form: mean over each image of (error * mask), times the
+    image's weight (prior_loss_weight), mean over the batch."""
+    if all(example.mask is None and example.weight == 1.0 for example in batch):
+        return F.mse_loss(prediction, target)
+    errors = (prediction - target) ** 2
+    masks = [example.mask if example.mask is not None else torch.ones(1, *errors.shape[-2:]) for example in batch]
+    errors = errors * torch.stack(masks).to(errors.device, errors.dtype)
+    weights = torch.tensor([example.weight for example in batch], device=errors.device, dtype=errors.dtype)
+    return (errors.mean(dim=(1, 2, 3)) * weights).mean()

@@ -110,6 +110,7 @@ class FakeBridge:
             self.denoiser = TinyDenoiser()
             self.text_table = torch.randn(64, CONTEXT_DIM)
         self.encoded_images = 0
+        self.vae_name = "fake-vae-avgpool8"  # change it to stand for another VAE
 
     def alphas_cumprod(self):
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
@@ -126,6 +127,9 @@ class FakeBridge:
         image = pixels.movedim(-1, 1)
         latent = nn.functional.avg_pool2d(image, 8)
         return torch.cat([latent, latent.mean(1, keepdim=True)], 1) * 2 - 1
+
+    def vae_identity(self):
+        return self.vae_name
 
     def encode_prompts(self, captions):
         return [PromptEmbedding(self.text_table[[sum(map(ord, word)) % 64 for word in c.split()] or [0]]) for c in captions]

@@ -23,7 +23,7 @@ def solid_images(count: int = 4, size: int = 64) -> list[np.ndarray]:
 
 
 def solid_dataset(count: int = 4) -> Dataset:
-    return Dataset([TrainImage(f"graph image {i}", "tkred square", pixels) for i, pixels in enumerate(solid_images(count))])
+    return Dataset.from_images([TrainImage(f"graph image {i}", "tkred square", pixels) for i, pixels in enumerate(solid_images(count))])
 
 
 def make_session(run_dir: Path | None = None, bridge: FakeBridge | None = None, **overrides) -> TrainSession:
