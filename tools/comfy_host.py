@@ -52,6 +52,9 @@ TORCH_SPEC = "torch==2.13.0"
 DROPPED_REQUIREMENTS = frozenset({"torch", "torchvision", "torchaudio", "spandrel", "comfyui-workflow-templates"})
 # Imported by ComfyUI but missing from its requirements.txt.
 ADDED_REQUIREMENTS = ("requests",)
+# What the tests import beside ComfyUI's own requirements. Playwright drives Debian's Chromium
+# (/usr/bin/chromium, installed by tools/run_tests.py); its own browser download is never used.
+TEST_PACKAGES = ("pytest", "playwright")
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,8 +193,8 @@ def provision(version: str = DEFAULT_VERSION, cache: Path = DEFAULT_CACHE, with_
         venv_key = _step(host, "venv", _venv_inputs(host, tree_key), host.python, lambda: _build_venv(host))
         _step(host, "tunekit", _tunekit_inputs(venv_key), None, lambda: _install_tunekit(host))
         if with_test_deps:
-            _step(host, "test-deps", {"venv": venv_key, "packages": ["pytest"]}, None,
-                  lambda: _pip(host, ["pytest"]))
+            _step(host, "test-deps", {"venv": venv_key, "packages": list(TEST_PACKAGES)}, None,
+                  lambda: _pip(host, list(TEST_PACKAGES)))
     log.info("host %s ready in %.1f s: %s", version, time.monotonic() - started, host.python)
     return host
 
@@ -716,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prov = commands.add_parser("provision", help="download ComfyUI, build its venv, install TuneKit; "
                                                  "print the venv python")
     prov.add_argument("--version", default=DEFAULT_VERSION, choices=sorted(HOSTS))
-    prov.add_argument("--test-deps", action="store_true", help="also install pytest into the venv")
+    prov.add_argument("--test-deps", action="store_true", help="also install the test packages (pytest, playwright)")
     prov.set_defaults(func=_cli_provision)
     serve = commands.add_parser("serve", help="run ComfyUI with TuneKit linked in, in the foreground")
     serve.add_argument("--version", default=DEFAULT_VERSION, choices=sorted(HOSTS))
