@@ -142,8 +142,9 @@ def test_trained_model_learns_and_matches_the_saved_file_through_loraloader(comf
         reloaded = saved_latents(comfy, comfy.run(reload))["reloaded"]
     no_unloaded_lora_keys(comfy.log_text(mark))
     print(f"max |trained - reloaded| = {(reloaded - latents['trained']).abs().max().item():.2e}")
-    print(f"server peak RSS: training workflow {training_rss.peak_bytes / 2**20:.0f} MiB, "
-          f"sampling-only workflow {sampling_rss.peak_bytes / 2**20:.0f} MiB")
+    for name, rss in (("training", training_rss), ("sampling-only", sampling_rss)):
+        print(f"server RSS during the {name} workflow: peak {rss.peak_bytes / 2**20:.0f} MiB "
+              f"(+{rss.delta_bytes / 2**20:.0f} MiB over its start)")
     torch.testing.assert_close(reloaded, latents["trained"], rtol=1e-4, atol=1e-4)
 
 
