@@ -71,3 +71,33 @@ def kohya_sdxl(dtype=torch.float16) -> dict[str, torch.Tensor]:
     add_lora(t, "lora_te1_text_model_encoder_layers_5_self_attn_q_proj", 768, 768, seed=5, dtype=dtype)
     add_lora(t, "lora_te2_text_model_encoder_layers_31_mlp_fc2", 1280, 5120, rank=2, seed=6, dtype=dtype)
     return t
+
+
+def mini_checkpoint(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tensor]:
+    """A few layers of each part of a single-file checkpoint under their real names, at toy sizes: enough
+    for family detection, layout reading, merging and extracting (UNet 8 wide, context 12, CLIP 16 wide)."""
+    g = torch.Generator().manual_seed(seed)
+    w = lambda *shape: torch.randn(shape, generator=g) / shape[-1] ** 0.5
+    u = "model.diffusion_model."
+    t = {
+        f"{u}input_blocks.0.0.weight": w(8, 4, 3, 3), f"{u}input_blocks.0.0.bias": w(8),
+        f"{u}input_blocks.1.0.in_layers.2.weight": w(8, 8, 3, 3),
+        f"{u}input_blocks.1.1.proj_in.weight": w(8, 8, 1, 1),
+        f"{u}input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": w(8, 8),
+        f"{u}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": w(8, 12),
+        f"{u}middle_block.1.transformer_blocks.0.attn2.to_v.weight": w(8, 12),
+        f"{u}output_blocks.0.1.transformer_blocks.0.attn1.to_out.0.weight": w(8, 8),
+        f"{u}output_blocks.0.1.transformer_blocks.0.attn1.to_out.0.bias": w(8),
+        "first_stage_model.decoder.conv_out.weight": w(3, 8, 3, 3),
+    }
+    if family == "sd1":
+        te = "cond_stage_model.transformer.text_model.encoder.layers.0."
+        t.update({f"{te}self_attn.q_proj.weight": w(16, 16), f"{te}self_attn.q_proj.bias": w(16),
+                  f"{te}mlp.fc1.weight": w(32, 16), f"{te}layer_norm1.weight": w(16)})
+    else:  # SDXL: CLIP-L in HF layout, bigG in OpenCLIP layout (fused q/k/v)
+        te1 = "conditioner.embedders.0.transformer.text_model.encoder.layers.0."
+        te2 = "conditioner.embedders.1.model.transformer.resblocks.0."
+        t.update({f"{te1}self_attn.v_proj.weight": w(16, 16), f"{te2}attn.in_proj_weight": w(48, 16),
+                  f"{te2}attn.in_proj_bias": w(48), f"{te2}attn.out_proj.weight": w(16, 16), f"{te2}mlp.c_fc.weight": w(32, 16),
+                  "conditioner.embedders.1.model.text_projection": w(16, 16)})
+    return t

@@ -6,4 +6,6 @@ Small modules, one job each:
 - io: reading with errors a user can act on; writing with nothing half-written left behind.
 - ckpt, tensor_files, checkpoint: `.ckpt` read without running it, files streamed tensor by tensor,
   precision / EMA pruning / VAE baking.
+- lora_math, checkpoint_keys, merge: LoRAs merged into a checkpoint with ComfyUI's runtime arithmetic.
+- svd, extract, resize: LoRAs from a fine-tune minus its base, and rank changes, with their true error.
 """
