@@ -2,10 +2,10 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from .dataset_nodes import DatasetFromFolder, DatasetFromImages
+from .dataset_nodes import DATASET_NODES
 from .train_nodes import SaveLoRA, TrainLoRA
 
 
 class TuneKitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [DatasetFromFolder, DatasetFromImages, TrainLoRA, SaveLoRA]
+        return [*DATASET_NODES, TrainLoRA, SaveLoRA]

@@ -10,6 +10,8 @@ from ..trainer.errors import TuneKitError
 
 # Extra dataset roots, separated like PATH (";" on Windows, ":" elsewhere).
 DATASET_ROOTS_ENV = "TUNEKIT_DATASET_ROOTS"
+# Where cached latents live (default: ComfyUI's user directory, which survives restarts unlike temp/).
+CACHE_DIR_ENV = "TUNEKIT_CACHE_DIR"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
 
 
@@ -24,14 +26,15 @@ def allowed_roots() -> list[Path]:
     return [Path(root).resolve() for root in roots]
 
 
-def resolve_dataset_folder(text: str) -> Path:
-    """A folder typed by the user: relative to ComfyUI's input directory, or absolute inside a root."""
+def resolve_dataset_folder(text: str, base: Path | None = None) -> Path:
+    """A folder typed by the user: relative to `base` (ComfyUI's input directory by default), or
+    absolute; either way inside an allowed root (symlinks resolved first)."""
     text = text.strip()
     if not text:
         raise PathNotAllowed("No dataset folder given: type a folder name inside ComfyUI's input directory.")
     candidate = Path(text).expanduser()
     if not candidate.is_absolute():
-        candidate = Path(folder_paths.get_input_directory()) / candidate
+        candidate = Path(base or folder_paths.get_input_directory()) / candidate
     resolved = candidate.resolve()
     roots = allowed_roots()
     if not any(resolved.is_relative_to(root) for root in roots):
@@ -50,6 +53,13 @@ def checked_name(value: str, what: str) -> str:
             f"{what} '{value}' is not a plain name: use letters, digits, spaces, '_', '-' or '.' (no folders)."
         )
     return value
+
+
+def latent_cache_directory() -> Path:
+    """Where latents are cached across runs: $TUNEKIT_CACHE_DIR, or user/tunekit/cache/latents."""
+    configured = os.environ.get(CACHE_DIR_ENV, "").strip()
+    base = Path(configured) if configured else Path(folder_paths.get_user_directory()) / "tunekit" / "cache"
+    return base / "latents"
 
 
 def run_directory(run_name: str) -> Path:

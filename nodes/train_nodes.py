@@ -18,7 +18,7 @@ from .bridge import ComfyModelBridge
 from .dataset_nodes import DatasetType
 from .host import ComfyHost
 from .lora_type import KohyaLoRA
-from .paths import checked_name, loras_directory, run_directory
+from .paths import checked_name, latent_cache_directory, loras_directory, run_directory
 
 log = logging.getLogger("tunekit")
 CATEGORY = "TuneKit/train"
@@ -106,13 +106,13 @@ def _start_session(bridge, dataset, config, run_name, resume, node_id):
     base_dir = run_directory(run_name)
     previous = _latest_run_state(base_dir)
     if resume and previous:
-        session = TrainSession(bridge, dataset, config, previous.parent)
+        session = TrainSession(bridge, dataset, config, previous.parent, latent_cache_directory())
         session.resume(previous)
         log.info("TuneKit resumes run '%s' at step %d from %s", run_name, session.step, previous)
     else:
         if resume:
             log.info("TuneKit: no saved state for run '%s' yet; starting fresh.", run_name)
-        session = TrainSession(bridge, dataset, config, unused_path(base_dir))
+        session = TrainSession(bridge, dataset, config, unused_path(base_dir), latent_cache_directory())
     return session, ComfyHost(node_id, config.steps)
 
 
