@@ -2,10 +2,11 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .convert_nodes import CONVERT_NODES
 from .dataset_nodes import DATASET_NODES
 from .train_nodes import SaveLoRA, TrainLoRA
 
 
 class TuneKitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*DATASET_NODES, TrainLoRA, SaveLoRA]
+        return [*DATASET_NODES, TrainLoRA, SaveLoRA, *CONVERT_NODES]

@@ -12,7 +12,7 @@ _COMPOUNDS = {
     "skip_connection", "time_embed", "label_emb",
     # UNet, diffusers naming
     "down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "conv_shortcut",
-    "time_embedding", "time_emb_proj", "add_embedding", "linear_1", "linear_2",
+    "time_embedding", "time_emb_proj", "add_embedding", "class_embedding", "linear_1", "linear_2",
     # transformer blocks (the same in both namings)
     "transformer_blocks", "proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out",
     # CLIP text encoders (Hugging Face layout)

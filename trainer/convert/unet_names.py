@@ -31,6 +31,8 @@ _TOP_LDM_TO_DIFFUSERS = {
     "out.2": "conv_out",
 }
 _TOP_DIFFUSERS_TO_LDM = {value: key for key, value in _TOP_LDM_TO_DIFFUSERS.items()}
+# Older diffusers configs call SDXL's size embedding `class_embedding`; ComfyUI reads both names.
+_TOP_DIFFUSERS_TO_LDM |= {"class_embedding.linear_1": "label_emb.0.0", "class_embedding.linear_2": "label_emb.0.2"}
 
 
 class UNetNameError(ValueError):
