@@ -57,7 +57,9 @@ class TrainLoRA(io.ComfyNode):
                              tooltip="Images are resized and centre-cropped to this square size (512 for SD 1.x, 1024 for SDXL)."),
                 io.Combo.Input("targets", options=list(TARGET_PRESETS), default=DEFAULTS.targets,
                                tooltip="'transformer': every linear layer of the attention blocks (kohya's default). "
-                                       "'attention': only the q/k/v/out projections (smaller, faster)."),
+                                       "'attention': only the q/k/v/out projections (smaller, faster). "
+                                       "'all': every linear and conv layer, res blocks too (kohya LoCon; what "
+                                       "ComfyUI's own trainer trains)."),
                 # No "randomize after queue": a new seed would retrain on every queued prompt.
                 io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seeds the LoRA's initialisation, noise, timesteps and image order."),

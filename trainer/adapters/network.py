@@ -16,6 +16,9 @@ TARGET_PRESETS: dict[str, re.Pattern] = {
         r"\.(transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"
         r"|proj_in|proj_out)$"
     ),
+    # Every Linear and Conv2d of the denoiser (res blocks, down/upsamplers, conv_in/out, time embedding,
+    # attention): what ComfyUI's own TrainLoraNode trains; kohya calls the conv part LoCon.
+    "all": re.compile(r""),
 }
 
 
