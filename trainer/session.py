@@ -69,8 +69,10 @@ class TrainSession:
             raise ConfigError([f"targets '{self.config.targets}' matches no layer of this {self.bridge.family.title} model."])
         levels = self.bridge.unet_levels()
         named = {self.bridge.family.kohya_unet_name(path, levels): module for path, module in targets.items()}
+        # Seed only the CPU generator (the branches are built there) inside fork_rng, which restores it:
+        # torch.manual_seed would also reseed every CUDA device's generator that other nodes sample with.
         with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
+            torch.random.default_generator.manual_seed(self.config.seed)
             return AdapterNetwork(named, self.config.rank, self.config.alpha).to(self.bridge.device)
 
     def prepare(self, host: Host) -> None:

@@ -89,7 +89,8 @@ class TinyDenoiser(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(4, CHANNELS), nn.SiLU(), nn.Conv2d(CHANNELS, 4, 3, padding=1))
 
     def forward(self, x, timesteps, context):
-        h = self.input_blocks[0][0](x) + self.time_embed(timesteps[:, None].float() / 1000)[:, :, None, None]
+        # Like ComfyUI's UNet: the timestep embedding is computed in float, then run in the weights' dtype.
+        h = self.input_blocks[0][0](x) + self.time_embed((timesteps[:, None].float() / 1000).to(x.dtype))[:, :, None, None]
         h = self.input_blocks[1][1](self.input_blocks[1][0](h), context)
         h = self.middle_block[1](h, context)
         for conv, attention in self.output_blocks:
