@@ -38,16 +38,20 @@ def main() -> None:
 
         def timed(name, fn):
             fn()  # warm-up
-            times = []
+            times, cpu = [], []
             for _ in range(repeats):
-                began = wc.now()
+                began = wc.clocks()
                 fn()
-                times.append(wc.now() - began)
+                ended = wc.clocks()
+                times.append(ended[0] - began[0])
+                cpu.append(ended[1] - began[1])
             with wc.FlopCount() as flops:
                 fn()
             result[name] = {"min_s": min(times), "median_s": statistics.median(times), "times": times,
+                            "cpu_times": cpu, "median_cpu_s": statistics.median(cpu),
                             "gflop": flops.total / 1e9, "loadavg": wc.os.getloadavg()[0]}
             wc.log_line(f"{name}: min {min(times):.2f} s, median {statistics.median(times):.2f} s, "
+                        f"CPU {statistics.median(cpu):.2f} s, "
                         f"{flops.total / 1e9:.0f} GFLOP, load {wc.os.getloadavg()[0]:.2f}")
 
         def forward():

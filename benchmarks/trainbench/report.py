@@ -14,14 +14,18 @@ TARGET_LABELS = {"comfy": "every Linear+Conv (ComfyUI's set)", "diffusers": "to_
 def one_line(result: dict) -> str:
     if result.get("status") != "ok":
         return f"{result.get('status')}: {result.get('error', '')} (phase {result.get('phase', '?')}; log {result.get('log')})"
+    cpu = result.get("median_cpu_s_per_step")
     return (f"{result['median_s_per_step']:.2f} s/step (steps {', '.join(f'{s:.2f}' for s in result['step_seconds'])}), "
-            f"+{result['peak_rss_train_mb'] - result['rss_loaded_mb']:.0f} MB RSS, "
+            + (f"{cpu:.2f} CPU s/step, " if cpu is not None else "")
+            + f"+{result['peak_rss_train_mb'] - result['rss_loaded_mb']:.0f} MB RSS, "
             f"{result.get('flops_per_step', 0) / 1e9:.0f} GFLOP/step, load {result['loadavg_end'][0]:.2f}")
 
 
 def summarise(spec: dict, results: list[dict], ceilings: list[dict], memory_limit_gb: float | None) -> dict:
     rates = [c["median_flops_per_s"] for c in ceilings if c.get("status") == "ok"]
     ceiling = max(rates) if rates else None
+    cpu_rates = [c["median_flops_per_cpu_s"] for c in ceilings if c.get("median_flops_per_cpu_s")]
+    cpu_ceiling = max(cpu_rates) if cpu_rates else None
     tunekit = {r["targets"]: r for r in results if r.get("tool_key") == "tunekit" and r.get("status") == "ok"}
     rows = []
     for r in results:
@@ -29,14 +33,19 @@ def summarise(spec: dict, results: list[dict], ceilings: list[dict], memory_limi
                "error": r.get("error"), "load_1min_start": (r.get("loadavg_start") or [None])[0],
                "load_1min_end": (r.get("loadavg_end") or [None])[0]}
         if r.get("status") == "ok":
-            median = r["median_s_per_step"]
+            median, cpu = r["median_s_per_step"], r.get("median_cpu_s_per_step")
             base = tunekit.get(r["targets"])
+            base_cpu = base.get("median_cpu_s_per_step") if base else None
             row.update(
                 s_per_step=median,
                 images_per_s=spec["batch"] / median,
                 slower_than_tunekit=(median / base["median_s_per_step"]) if base else None,
+                cpu_s_per_step=cpu,
+                cpu_slower_than_tunekit=(cpu / base_cpu) if cpu and base_cpu else None,
                 flops_per_step=r.get("flops_per_step"),
                 ceiling_fraction=(r["flops_per_step"] / median / ceiling) if ceiling and r.get("flops_per_step") else None,
+                cpu_ceiling_fraction=(r["flops_per_step"] / cpu / cpu_ceiling)
+                if cpu and cpu_ceiling and r.get("flops_per_step") else None,
                 rss_loaded_mb=r["rss_loaded_mb"],
                 peak_rss_mb=r["peak_rss_train_mb"],
                 rss_added_mb=r["peak_rss_train_mb"] - r["rss_loaded_mb"],
@@ -49,6 +58,7 @@ def summarise(spec: dict, results: list[dict], ceilings: list[dict], memory_limi
         "spec": {k: v for k, v in spec.items() if k not in ("python", "comfy_dir")},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "matmul_ceiling_flops_per_s": ceiling,
+        "matmul_ceiling_flops_per_cpu_s": cpu_ceiling,
         "ceilings": ceilings,
         "memory_limit_gb": memory_limit_gb,
         "rows": rows,
@@ -67,30 +77,35 @@ def table(summary: dict) -> str:
     lines = [
         f"{family}, {spec['resolution']} px, batch {spec['batch']}, rank {spec['rank']}, {spec['dtype']} on {spec['device']}; "
         f"median of {spec['steps']} steps after {spec['warmup']} warm-up; matmul ceiling "
-        f"{_fmt(ceiling and ceiling / 1e9, '{:.1f}')} GFLOP/s",
+        f"{_fmt(ceiling and ceiling / 1e9, '{:.1f}')} GFLOP/s ("
+        f"{_fmt(summary.get('matmul_ceiling_flops_per_cpu_s') and summary['matmul_ceiling_flops_per_cpu_s'] / 1e9, '{:.1f}')}"
+        f" per CPU-second), threads {spec.get('threads') or 'default'}",
         "",
-        "| targets | tool | layers | s/step | img/s | vs TuneKit | GFLOP/step | % ceiling | RSS loaded | "
-        "peak RSS | added by training | load 1m |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| targets | tool | layers | s/step | img/s | vs TuneKit | CPU s/step | vs TuneKit (CPU) | GFLOP/step | "
+        "% ceiling | % ceiling (CPU) | RSS loaded | peak RSS | added by training | load 1m |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary["rows"]:
         name = LABELS.get(row["tool"], row["tool"])
         if row["status"] != "ok":
-            lines.append(f"| {row['targets']} | {name} | | {row['status'].upper()} | | | | | | | | "
+            lines.append(f"| {row['targets']} | {name} | | {row['status'].upper()} | | | | | | | | | | | "
                          f"{_fmt(row['load_1min_end'], '{:.2f}')} |")
             continue
         lines.append(
             f"| {row['targets']} | {name} | {_fmt(row['adapted_layers'], '{}')} | {row['s_per_step']:.2f} | "
             f"{row['images_per_s']:.3f} | {_fmt(row['slower_than_tunekit'], '{:.2f}x')} | "
+            f"{_fmt(row.get('cpu_s_per_step'), '{:.2f}')} | {_fmt(row.get('cpu_slower_than_tunekit'), '{:.2f}x')} | "
             f"{_fmt(row['flops_per_step'] and row['flops_per_step'] / 1e9, '{:.0f}')} | "
             f"{_fmt(row['ceiling_fraction'] and 100 * row['ceiling_fraction'], '{:.0f}%')} | "
+            f"{_fmt(row.get('cpu_ceiling_fraction') and 100 * row['cpu_ceiling_fraction'], '{:.0f}%')} | "
             f"{row['rss_loaded_mb'] / 1024:.2f} GB | {row['peak_rss_mb'] / 1024:.2f} GB | "
             f"{row['rss_added_mb'] / 1024:.2f} GB | {_fmt(row['load_1min_end'], '{:.2f}')} |"
         )
     lines.append("")
     lines.append("vs TuneKit: the tool's s/step over TuneKit's on the same targets (2.00x = takes twice as long). "
-                 "% ceiling: the step's counted FLOPs / s/step / the GEMM rate. Added by training: peak RSS while "
-                 "training minus RSS with the model loaded.")
+                 "CPU s/step: CPU seconds of the tool's process per step (all its threads): what a step costs whatever "
+                 "else runs on the machine. % ceiling: counted FLOPs per step / s/step / the GEMM's FLOP/s (CPU: per "
+                 "CPU-second both). Added by training: peak RSS while training minus RSS with the model loaded.")
     return "\n".join(lines)
 
 
@@ -127,11 +142,13 @@ def breakdown_table(breakdown: dict, ceiling: float | None) -> str:
     if breakdown.get("status") != "ok":
         return f"breakdown: {breakdown.get('status')}: {breakdown.get('error')}"
     lines = ["", f"TuneKit's step piece by piece (ComfyUI default attention: {breakdown.get('default_attention')})", "",
-             "| part | min s | median s | GFLOP | % ceiling (min) | load 1m |", "|---|---:|---:|---:|---:|---:|"]
+             "| part | min s | median s | median CPU s | GFLOP | % ceiling (min) | load 1m |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for name, entry in breakdown.items():
         if not isinstance(entry, dict) or "min_s" not in entry:
             continue
         fraction = entry["gflop"] * 1e9 / entry["min_s"] / ceiling if ceiling else None
-        lines.append(f"| {name} | {entry['min_s']:.2f} | {entry['median_s']:.2f} | {entry['gflop']:.0f} | "
+        lines.append(f"| {name} | {entry['min_s']:.2f} | {entry['median_s']:.2f} | "
+                     f"{_fmt(entry.get('median_cpu_s'), '{:.2f}')} | {entry['gflop']:.0f} | "
                      f"{_fmt(fraction and 100 * fraction, '{:.0f}%')} | {entry['loadavg']:.2f} |")
     return "\n".join(lines)

@@ -79,14 +79,13 @@ def main() -> None:
 
         result.phase = "train"
         unet.train()
-        durations, losses = [], []
+        stamps, losses = [wc.clocks()], []
         for _ in range(spec["warmup"] + spec["steps"]):
-            began = wc.now()
             losses.append(step().item())  # the script reads the loss every step (accelerator.gather(...).mean())
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            durations.append(wc.now() - began)
-        result.data.update(wc.summarise_steps(durations, spec["warmup"]))
+            stamps.append(wc.clocks())
+        result.data.update(wc.summarise_steps(stamps, spec["warmup"]))
         wc.memory_after_training(result)
         result["losses"] = losses
 

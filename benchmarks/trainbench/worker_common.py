@@ -175,14 +175,26 @@ def memory_after_training(result) -> None:
 # Time, FLOPs, results
 # ------------------------------------------------------------------------------------------------
 
-def summarise_steps(durations: list[float], warmup: int) -> dict:
-    timed = durations[warmup:]
+def summarise_steps(stamps: list[tuple[float, float]], warmup: int) -> dict:
+    """`stamps`: (wall, process CPU) clock readings before the first step and after each step.
+
+    CPU seconds (every thread of the process) are what a step costs regardless of what else runs on a
+    shared machine; with one thread they equal the wall time of an idle machine."""
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+    timed, timed_cpu = wall[warmup:], cpu[warmup:]
     return {
-        "step_seconds": durations,
+        "step_seconds": wall,
+        "step_cpu_seconds": cpu,
         "warmup_steps": warmup,
         "median_s_per_step": statistics.median(timed) if timed else None,
         "min_s_per_step": min(timed) if timed else None,
+        "median_cpu_s_per_step": statistics.median(timed_cpu) if timed_cpu else None,
     }
+
+
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
 class FlopCount:
