@@ -1,11 +1,17 @@
-"""The test command (README, .ci/run): provision the ComfyUI test host, then run every test in it.
+"""The test command (README, .ci/run): provision the ComfyUI test hosts, then run the tests in them.
 
-    python3 tools/run_tests.py [pytest arguments]
+    python3 tools/run_tests.py [pytest arguments]                 # the CI plan, both hosts
+    python3 tools/run_tests.py --comfy-version 0.3.75 [pytest arguments]   # one host only
 
-Needs only a Python >= 3.10 and access to PyPI (and Debian's packages, for the browser test's
-Chromium); the first run downloads and builds the host (about 2 minutes), later runs reuse it
-from .cache/. With no paths among the arguments pytest runs its testpaths (tests/); with paths,
-only those.
+The CI plan (no --comfy-version among the arguments):
+  1. ComfyUI 0.30.0 (the newest a registry serves; what users run): every test, unit and end-to-end,
+     including the ComfyUI-Manager install, SDXL, half precision and hidden optional packages.
+  2. ComfyUI 0.3.75 (the oldest supported): the end-to-end tests marked `every_host` (the harness, the
+     example workflows in the API and in the real frontend, the LoraLoader round trip, the import check).
+With --comfy-version (or TUNEKIT_COMFY_VERSION), or with test paths among the arguments, one pytest
+session runs with the arguments as given, on that host (default: the first of the plan). Needs only a Python >= 3.10 and access to PyPI (and Debian's packages, for the browser test's
+Chromium); the first run downloads and builds each host (about 2 minutes each), later runs reuse them
+from .cache/. With no paths among the arguments pytest runs its testpaths (tests/); with paths, only those.
 """
 
 import logging
@@ -57,17 +63,50 @@ def ensure_chromium() -> None:
     log.info("chromium installed in %.0f s", time.monotonic() - began)
 
 
+# (host, extra pytest arguments): the first runs everything, the others what every host must pass.
+CI_PLAN = (("0.30.0", []), ("0.3.75", ["tests/e2e", "-m", "every_host"]))
+
+
+def chosen_version(pytest_args: list[str]) -> str | None:
+    """The host named by --comfy-version (either spelling) or TUNEKIT_COMFY_VERSION, if any."""
+    for index, arg in enumerate(pytest_args):
+        if arg == "--comfy-version" and index + 1 < len(pytest_args):
+            return pytest_args[index + 1]
+        if arg.startswith("--comfy-version="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("TUNEKIT_COMFY_VERSION") or None
+
+
+def run_session(version: str, pytest_args: list[str]) -> tuple[int, float]:
+    began = time.monotonic()
+    host = comfy_host.provision(version, with_test_deps=True)
+    log.info("ComfyUI %s test host ready in %.0f s: %s", host.version, time.monotonic() - began, host.root)
+    # No paths: pyproject's testpaths (tests/). The option reaches the e2e fixtures through tests/conftest.py.
+    command = [str(host.python), "-m", "pytest", *pytest_args]
+    if chosen_version(pytest_args) is None:
+        command.append(f"--comfy-version={version}")
+    code = subprocess.call(command, cwd=REPO, env=host.env())
+    return code, time.monotonic() - began
+
+
 def main(pytest_args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     began = time.monotonic()
     if selects(BROWSER_TEST, pytest_args):
         ensure_chromium()
-    host = comfy_host.provision(with_test_deps=True)
-    log.info("ComfyUI %s test host ready in %.0f s: %s", host.version, time.monotonic() - began, host.root)
-    command = [str(host.python), "-m", "pytest", *pytest_args]  # no paths: pyproject's testpaths (tests/)
-    code = subprocess.call(command, cwd=REPO, env=host.env())
-    log.info("Tests finished with exit code %d after %.0f s in all.", code, time.monotonic() - began)
-    return code
+    version = chosen_version(pytest_args)
+    has_paths = any(not arg.startswith("-") and (REPO / arg.split("::")[0]).exists() for arg in pytest_args)
+    # Given paths run once, on the named host or the first of the plan; otherwise the whole plan.
+    plan = [(version or CI_PLAN[0][0], [])] if version or has_paths else CI_PLAN
+    results = []
+    for host_version, extra in plan:
+        log.info("=== ComfyUI %s: pytest %s", host_version, " ".join([*pytest_args, *extra]) or "(all tests)")
+        code, seconds = run_session(host_version, [*pytest_args, *extra])
+        results.append((host_version, code, seconds))
+    for host_version, code, seconds in results:
+        log.info("ComfyUI %s: pytest exit code %d after %.0f s (provisioning included)", host_version, code, seconds)
+    log.info("Tests finished after %.0f s in all.", time.monotonic() - began)
+    return next((code for _, code, _ in results if code != 0), 0)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Run inside the host's venv (provisioned by `python3 tools/comfy_host.py provisio
 
     .cache/hosts/comfyui-0.3.75/venv/bin/python -m pytest tests/e2e -q
 
-The host version comes from TUNEKIT_COMFY_VERSION (default 0.3.75). The server is shared by
-every test, so tests must not depend on each other's leftovers: use unique filename prefixes.
+The host version comes from `--comfy-version` or TUNEKIT_COMFY_VERSION (default 0.3.75). The server
+is shared by every test, so tests must not depend on each other's leftovers: use unique filename
+prefixes. Tests marked `every_host` are the ones tools/run_tests.py also runs on the second host.
 """
 import os
 import sys
@@ -18,11 +19,18 @@ sys.path.insert(0, str(REPO / "tools"))
 import comfy_host as harness  # noqa: E402
 
 E2E_DIR = Path(__file__).resolve().parent
+# A test-only custom node reporting global torch state (tests/e2e/probe_node): never shipped.
+PROBE_NODE = {"tunekit_test_probe": E2E_DIR / "probe_node"}
 _LOG_MARK = pytest.StashKey[int]()
+
+
+def host_version() -> str:
+    return os.environ.get("TUNEKIT_COMFY_VERSION") or harness.DEFAULT_VERSION
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end-to-end test against a real ComfyUI server (tools/comfy_host.py)")
+    config.addinivalue_line("markers", "every_host: runs on every ComfyUI host in .ci/run, not only the main one")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,13 +43,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def comfy_host() -> "harness.Host":
     """The provisioned host; provision() only checks its stamps when the host is already built."""
-    return harness.provision(os.environ.get("TUNEKIT_COMFY_VERSION", harness.DEFAULT_VERSION))
+    return harness.provision(host_version())
 
 
 @pytest.fixture(scope="session")
 def comfy(comfy_host, tmp_path_factory) -> "harness.ComfyServer":
-    """A running ComfyUI with TuneKit linked in as ComfyUI-TuneKit; its folders live in a temp workdir."""
-    server = harness.start_server(comfy_host, tmp_path_factory.mktemp("comfy"))
+    """A running ComfyUI with TuneKit linked in as ComfyUI-TuneKit (and the test-only torch-state probe);
+    its folders live in a temp workdir."""
+    server = harness.start_server(comfy_host, tmp_path_factory.mktemp("comfy"), extra_nodes=PROBE_NODE)
     yield server
     server.stop()
 

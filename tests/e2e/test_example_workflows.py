@@ -17,7 +17,7 @@ import workflow_api  # noqa: E402
 
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 DEMO = REPO / "example_workflows" / "train_lora_then_sample.json"
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.every_host]
 
 
 def _get_json(comfy, path: str):

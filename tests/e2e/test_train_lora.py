@@ -110,6 +110,7 @@ def no_unloaded_lora_keys(log: str) -> None:
 
 # ----- the journey -----
 
+@pytest.mark.every_host
 def test_trained_model_learns_and_matches_the_saved_file_through_loraloader(comfy, sd15, red_dataset):
     Image.new("RGB", (64, 64), RED).save(comfy.input_dir / "e2e_red_reference.png")
     graph = train_graph(sd15, red_dataset, "e2e_learn", steps=60, lora_file="e2e_learn")
