@@ -110,6 +110,18 @@ def test_requirements_mirror_pyproject_and_leave_torch_to_the_host():
     assert not [line for line in requirements if re.match(r"(torch|torchvision|torchaudio|xformers)\b", line)]
 
 
+def test_requirements_resolve_without_torch_torchvision_or_xformers(tmp_path):
+    """What pip would install for requirements.txt into an empty environment (the Manager runs it with no
+    constraint): the host's torch must never be swapped, so no requirement may drag one in."""
+    report = tmp_path / "report.json"
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+               "--disable-pip-version-check", "--report", str(report), "-r", str(REPO / "requirements.txt")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert names and not names & {"torch", "torchvision", "torchaudio", "xformers"}, sorted(names)
+
+
 def test_readme_gives_the_manager_install_first_then_git_clone_and_pip():
     text = (REPO / "README.md").read_text()
     install = text.split("## Install", 1)[1].split("\n## ", 1)[0]
