@@ -10,6 +10,8 @@ from comfy_api.latest import io, ui
 
 from ..trainer.convert.arch import ARCHS
 from ..trainer.convert.checkpoint import EMA_MODES, PRECISIONS, CheckpointOptions, convert_checkpoint
+from ..trainer.convert.diffusers_folder import diffusers_to_single_file, single_file_to_diffusers
+from ..trainer.convert.errors import ConversionError
 from ..trainer.convert.extract import ExtractOptions, extract_lora_file
 from ..trainer.convert.lora_file import convert_lora_file
 from ..trainer.convert.lora_keys import FORMATS
@@ -191,4 +193,79 @@ class ResizeLoRA(io.ComfyNode):
         return _done(path, resize_lora_file(_input("loras", lora_name), path, rank, max_error or None).summary())
 
 
-CONVERT_NODES = [ConvertLoRA, ConvertCheckpoint, MergeLoRA, ExtractLoRA, ResizeLoRA]
+def _diffusers_folders() -> list[str]:
+    """Folders under models/diffusers that hold a pipeline (as ComfyUI's DiffusersLoader lists them)."""
+    found = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        base = Path(root)
+        if base.is_dir():
+            found += sorted(str(index.parent.relative_to(base)) for index in base.rglob("model_index.json"))
+    return found
+
+
+def _comfy_tokenizer() -> Path:
+    import comfy.sd1_clip
+
+    return Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"  # CLIP's BPE files, shipped with ComfyUI
+
+
+class CheckpointToDiffusers(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TuneKitCheckpointToDiffusers", display_name="Checkpoint to Diffusers Folder", category=CATEGORY,
+            is_output_node=True,
+            description="Writes an SD1/SD2/SDXL checkpoint as a diffusers folder in models/diffusers, with configs read "
+                        "from the weights (no download). What diffusers has no place for is kept beside it, so the "
+                        "way back is exact.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints")),
+                io.Combo.Input("prediction_type", options=["auto", "epsilon", "v_prediction"], default="auto",
+                               tooltip="auto: v_prediction when the file says so (SDXL v_pred key, modelspec metadata). "
+                                       "SD 2.x 768 models are v_prediction."),
+                io.String.Input("folder_name", default="converted_pipeline",
+                                tooltip="Name of the new folder; an existing one is kept and _2, _3... added."),
+            ],
+            outputs=_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, prediction_type, folder_name):
+        name = checked_name(folder_name, "folder_name")
+        path = unused_path(Path(folder_paths.get_folder_paths("diffusers")[0]) / name)
+        report = single_file_to_diffusers(_input("checkpoints", ckpt_name), path,
+                                          None if prediction_type == "auto" else prediction_type, _comfy_tokenizer())
+        return _done(path, report.summary())
+
+
+class DiffusersToCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TuneKitDiffusersToCheckpoint", display_name="Diffusers Folder to Checkpoint", category=CATEGORY,
+            is_output_node=True,
+            description="Writes a diffusers SD1/SD2/SDXL folder (e.g. a training output) as one .safetensors "
+                        "checkpoint in models/checkpoints, for ComfyUI, A1111 and Forge.",
+            inputs=[io.Combo.Input("folder", options=_diffusers_folders(), tooltip="A folder in models/diffusers."),
+                    _filename("converted_checkpoint")],
+            outputs=_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, folder, filename):
+        source = _diffusers_path(folder)
+        path = _output("checkpoints", filename)
+        return _done(path, diffusers_to_single_file(source, path).summary())
+
+
+def _diffusers_path(folder: str) -> Path:
+    for root in folder_paths.get_folder_paths("diffusers"):
+        base = Path(root).resolve()
+        candidate = (base / folder).resolve()
+        if candidate.is_relative_to(base) and (candidate / "model_index.json").is_file():
+            return candidate
+    raise ConversionError(f"No diffusers folder '{folder}' in models/diffusers: refresh the node list, or put it there.")
+
+
+CONVERT_NODES = [ConvertLoRA, ConvertCheckpoint, CheckpointToDiffusers, DiffusersToCheckpoint, MergeLoRA, ExtractLoRA,
+                 ResizeLoRA]

@@ -496,7 +496,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 # Server
 # --------------------------------------------------------------------------------------------
 
-MODEL_FOLDERS = ("checkpoints", "loras", "vae", "embeddings")
+MODEL_FOLDERS = ("checkpoints", "loras", "vae", "embeddings", "diffusers")
 
 
 def start_server(host: Host, workdir: Path, port: int | None = None, node_link_name: str | None = "ComfyUI-TuneKit",

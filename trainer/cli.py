@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .convert.arch import ARCHS
 from .convert.checkpoint import EMA_MODES, PRECISIONS, CheckpointOptions, convert_checkpoint
+from .convert.diffusers_folder import diffusers_to_single_file, single_file_to_diffusers
 from .convert.extract import ExtractOptions, extract_lora_file
 from .convert.lora_file import convert_lora_file
 from .convert.lora_keys import FORMATS
@@ -70,6 +71,14 @@ def _resize(args) -> str:
     return resize_lora_file(args.input, args.output, args.rank, args.max_error, args.to, args.family, args.overwrite).summary()
 
 
+def _to_diffusers(args) -> str:
+    return single_file_to_diffusers(args.input, args.output, args.prediction_type, args.tokenizer, args.overwrite).summary()
+
+
+def _from_diffusers(args) -> str:
+    return diffusers_to_single_file(args.input, args.output, args.overwrite).summary()
+
+
 def add_convert_commands(commands: argparse._SubParsersAction) -> None:
     convert = commands.add_parser("convert", help="convert, merge, extract or resize checkpoints and LoRAs")
     sub = convert.add_subparsers(dest="what", required=True)
@@ -117,6 +126,20 @@ def add_convert_commands(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=FORMATS, help="output format (default: the input's)")
     p.add_argument("--family", choices=list(ARCHS))
     p.set_defaults(run=_resize)
+
+    p = sub.add_parser("to-diffusers", help="single-file SD1/SD2/SDXL checkpoint -> diffusers folder (offline)")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path, help="the folder to create")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="default: read from the file (SDXL v_pred key, modelspec metadata), else epsilon")
+    p.add_argument("--tokenizer", type=Path, help="a folder with CLIP's vocab.json and merges.txt (e.g. ComfyUI's "
+                                                  "comfy/sd1_tokenizer); without it the folder has no tokenizer")
+    p.set_defaults(run=_to_diffusers)
+
+    p = sub.add_parser("from-diffusers", help="diffusers folder -> single-file checkpoint")
+    p.add_argument("input", type=Path, help="the folder with model_index.json")
+    p.add_argument("output", type=Path, help="a .safetensors file")
+    p.set_defaults(run=_from_diffusers)
 
     for parser in sub.choices.values():
         parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")

@@ -101,3 +101,96 @@ def mini_checkpoint(family: str = "sd1", seed: int = 0) -> dict[str, torch.Tenso
                   f"{te2}attn.in_proj_bias": w(48), f"{te2}attn.out_proj.weight": w(16, 16), f"{te2}mlp.c_fc.weight": w(32, 16),
                   "conditioner.embedders.1.model.text_projection": w(16, 16)})
     return t
+
+
+SMALL_UNETS = {  # real key structure (levels, res blocks, depths) at a fraction of the width
+    "sd1": dict(model_channels=64, channel_mult=[1, 2], num_res_blocks=[2, 2], transformer_depth=[1, 1, 0, 0],
+                transformer_depth_middle=1, transformer_depth_output=[1, 1, 1, 0, 0, 0], context_dim=768,
+                use_linear_in_transformer=False, adm_in_channels=None),
+    "sd2": dict(model_channels=64, channel_mult=[1, 2], num_res_blocks=[2, 2], transformer_depth=[1, 1, 1, 1],
+                transformer_depth_middle=1, transformer_depth_output=[1] * 6, context_dim=1024,
+                use_linear_in_transformer=True, adm_in_channels=None),
+    "sdxl": dict(model_channels=64, channel_mult=[1, 1, 2], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
+                 transformer_depth_middle=2, transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], context_dim=2048,
+                 use_linear_in_transformer=True, adm_in_channels=2816),
+}
+SMALL_CLIP = dict(width=64, layers=3, heads=1, mlp=128, vocab=49408, positions=77)
+
+
+def _small_vae(layout, prefix: str) -> None:
+    """A KL autoencoder in ldm layout: 2 levels of 32/64 channels, one res block each (tiny_models' is 84 M)."""
+    def res(q, cin, cout):
+        layout.norm(q + "norm1.", cin, "vae")
+        layout.conv(q + "conv1.", cin, cout, 3, "vae")
+        layout.norm(q + "norm2.", cout, "vae")
+        layout.conv(q + "conv2.", cout, cout, 3, "vae")
+        if cin != cout:
+            layout.conv(q + "nin_shortcut.", cin, cout, 1, "vae")
+
+    def mid(q, c):
+        res(q + "mid.block_1.", c, c)
+        layout.norm(q + "mid.attn_1.norm.", c, "vae")
+        for name in ("q", "k", "v", "proj_out"):
+            layout.conv(f"{q}mid.attn_1.{name}.", c, c, 1, "vae")
+        res(q + "mid.block_2.", c, c)
+
+    e, d = prefix + "encoder.", prefix + "decoder."
+    layout.conv(e + "conv_in.", 3, 32, 3, "vae")
+    res(e + "down.0.block.0.", 32, 32)
+    layout.conv(e + "down.0.downsample.conv.", 32, 32, 3, "vae")
+    res(e + "down.1.block.0.", 32, 64)
+    mid(e, 64)
+    layout.norm(e + "norm_out.", 64, "vae")
+    layout.conv(e + "conv_out.", 64, 8, 3, "vae")
+    layout.conv(d + "conv_in.", 4, 64, 3, "vae")
+    mid(d, 64)
+    res(d + "up.1.block.0.", 64, 64)
+    res(d + "up.1.block.1.", 64, 64)
+    layout.conv(d + "up.1.upsample.conv.", 64, 64, 3, "vae")
+    res(d + "up.0.block.0.", 64, 32)
+    res(d + "up.0.block.1.", 32, 32)
+    layout.norm(d + "norm_out.", 32, "vae")
+    layout.conv(d + "conv_out.", 32, 3, 3, "vae")
+    layout.conv(prefix + "quant_conv.", 8, 8, 1, "vae")
+    layout.conv(prefix + "post_quant_conv.", 4, 4, 1, "vae")
+
+
+def small_checkpoint(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A single-file SD1 / SD2 / SDXL checkpoint with every part in its real layout, small enough for unit
+    tests (~10-40 M parameters): the UNet's levels and depths, 3-layer CLIPs, a 2-level KL VAE."""
+    layout = tiny_models._Layout()
+    tiny_models._unet(layout, SMALL_UNETS[family])
+    if family == "sd1":
+        tiny_models._clip_hf(layout, "cond_stage_model.transformer.", SMALL_CLIP, "te")
+    elif family == "sd2":
+        tiny_models._clip_openclip(layout, "cond_stage_model.model.", SMALL_CLIP, "te")
+    else:
+        tiny_models._clip_hf(layout, "conditioner.embedders.0.transformer.", SMALL_CLIP, "te")
+        tiny_models._clip_openclip(layout, "conditioner.embedders.1.model.", SMALL_CLIP, "te")
+    _small_vae(layout, "first_stage_model.")
+    tensors = {key: tiny_models._tensor(torch, key, shape, kind, seed, torch.float32) for key, (shape, kind) in layout.items.items()}
+    tensors["alphas_cumprod"] = torch.linspace(0.9991, 0.0047, 1000, dtype=torch.float32)
+    return tensors
+
+
+def run_python(code: str, *args: str, timeout: int = 300) -> str:
+    """Run `code` in a fresh interpreter of this venv, without PYTHONPATH. The test host puts import-only
+    stand-ins there (tools/comfy_host.py: torchvision), which transformers takes for the real package and
+    then fails to import its models; TuneKit's own code never needs them."""
+    import os
+    import subprocess
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                            timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def needs(package: str) -> None:
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (requirements.txt lists it)")

@@ -11,7 +11,7 @@ import torch
 
 from tunekit.trainer.cli import main
 
-from convert_fixtures import add_lora, kohya_sd1, mini_checkpoint
+from convert_fixtures import add_lora, kohya_sd1, mini_checkpoint, small_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,6 +49,14 @@ def test_every_convert_subcommand(tmp_path, caplog):
         assert main(["convert", *command]) == 0, command
     assert safetensors.torch.load_file(str(tmp_path / "m.safetensors"))["first_stage_model.decoder.conv_out.weight"].dtype == torch.float16
     assert "Merged l.safetensors" in caplog.text and "Extracted 1 layers" in caplog.text and "Resized 1 layers" in caplog.text
+
+
+def test_to_and_from_diffusers(tmp_path):
+    source = save(tmp_path / "sd1.safetensors", small_checkpoint("sd1"))
+    assert main(["convert", "to-diffusers", str(source), str(tmp_path / "folder"), "--prediction-type", "epsilon"]) == 0
+    assert main(["convert", "from-diffusers", str(tmp_path / "folder"), str(tmp_path / "back.safetensors")]) == 0
+    back = safetensors.torch.load_file(str(tmp_path / "back.safetensors"))
+    assert all(torch.equal(back[key], value) for key, value in small_checkpoint("sd1").items())
 
 
 def test_a_user_error_is_one_message_and_exit_code_2(tmp_path, caplog):

@@ -45,16 +45,6 @@ def test_known_layer_names(ldm, diffusers, arch):
     assert diffusers_to_ldm(diffusers, arch.layout) == ldm
 
 
-def test_the_mapping_agrees_with_a_real_diffusers_unet():
-    diffusers = pytest.importorskip("diffusers")
-    unet = diffusers.UNet2DConditionModel(  # SD1 at 1/10 the width: names are all that matter
-        block_out_channels=(32, 64, 128, 128), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-        norm_num_groups=8, sample_size=8)
-    theirs = {name for name, _ in unet.named_parameters() if name.endswith(".weight")}
-    ours = {ldm_to_diffusers(path, SD1_ARCH.layout) + ".weight" for path in real_unet_modules("sd1")}
-    assert ours == theirs
-
-
 def test_a_name_outside_the_layout_is_refused():
     with pytest.raises(UNetNameError, match="down_blocks.7"):
         diffusers_to_ldm("down_blocks.7.resnets.0.conv1", SD1_ARCH.layout)

@@ -8,4 +8,5 @@ Small modules, one job each:
   precision / EMA pruning / VAE baking.
 - lora_math, checkpoint_keys, merge: LoRAs merged into a checkpoint with ComfyUI's runtime arithmetic.
 - svd, extract, resize: LoRAs from a fine-tune minus its base, and rank changes, with their true error.
+- diffusers_keys, diffusers_configs, diffusers_folder: single-file checkpoints <-> diffusers folders.
 """
