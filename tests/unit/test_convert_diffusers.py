@@ -1,14 +1,16 @@
 """Single-file checkpoint <-> diffusers folder: exact round trips, configs from the weights, offline loading."""
 
 import json
+import re
 
 import pytest
 import safetensors.torch
 import torch
-from convert_fixtures import needs, real_unet_modules, run_python, small_checkpoint
+from convert_fixtures import kohya_sd1, needs, real_unet_modules, run_python, small_checkpoint
 from tunekit.trainer.convert.arch import SD1_ARCH
 from tunekit.trainer.convert.diffusers_folder import diffusers_to_single_file, single_file_to_diffusers
 from tunekit.trainer.convert.errors import ConversionError
+from tunekit.trainer.convert.lora_file import convert_lora
 from tunekit.trainer.convert.unet_names import ldm_to_diffusers
 
 
@@ -76,6 +78,10 @@ unet = diffusers.UNet2DConditionModel(  # SD1 at 1/10 the width: names are all t
     block_out_channels=(32, 64, 128, 128), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
     norm_num_groups=8, sample_size=8)
 view["sd1_unet_weights"] = sorted(name for name, _ in unet.named_parameters() if name.endswith(".weight"))
+# diffusers' own reading of a kohya file (its converter needs no PEFT): which modules, which alphas
+state, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(f"{root}/kohya.safetensors")
+view["kohya_keys"] = sorted(state)
+view["kohya_alphas"] = {key: float(value) for key, value in alphas.items()}
 print(json.dumps(view))
 """
 
@@ -89,6 +95,7 @@ def diffusers_view(tmp_path_factory):
     for family in ("sd1", "sd2", "sdxl"):
         single_file_to_diffusers(checkpoint(root, family), root / family, "v_prediction" if family == "sd2" else None,
                                  tokenizer)
+    safetensors.torch.save_file(kohya_sd1(), str(root / "kohya.safetensors"))
     return json.loads(run_python(DIFFUSERS_VIEW, str(root)).splitlines()[-1])
 
 
@@ -97,6 +104,21 @@ def test_the_folder_loads_in_diffusers_offline_with_every_weight_used(diffusers_
     assert diffusers_view[family]["problems"] == {"unet": [], "vae": [], "text_encoder": []}
     assert diffusers_view[family]["pipeline"] == ("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline")
     assert diffusers_view[family]["prediction"] == ("v_prediction" if family == "sd2" else "epsilon")
+
+
+def _module(diffusers_key: str) -> str:
+    """diffusers' older in-memory names (`attn1.processor.to_q_lora.down.weight`, `self_attn.to_q_lora...`) as
+    module paths."""
+    module = re.sub(r"(_lora)?\.(lora\.|lora_linear_layer\.)?(up|down)\.weight$|\.lora_[AB]\.weight$", "", diffusers_key).replace(".processor.", ".")
+    module = re.sub(r"self_attn\.to_(q|k|v)$", r"self_attn.\1_proj", module).replace("self_attn.to_out", "self_attn.out_proj")
+    return re.sub(r"\.to_out$", ".to_out.0", module)
+
+
+def test_diffusers_reads_a_kohya_file_as_the_modules_tunekit_writes(diffusers_view):
+    """diffusers' own kohya reader (no PEFT needed) and TuneKit's diffusers output name the same layers."""
+    ours = convert_lora(kohya_sd1(), {}, "diffusers")
+    assert sorted({_module(key) for key in diffusers_view["kohya_keys"]}) == sorted({_module(key) for key in ours.tensors})
+    assert len(diffusers_view["kohya_alphas"]) == len({_module(key) for key in ours.tensors})
 
 
 def test_unet_layer_names_agree_with_a_real_diffusers_unet(diffusers_view):

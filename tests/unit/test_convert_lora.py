@@ -179,3 +179,22 @@ def test_never_overwrites_unasked(tmp_path):
     with pytest.raises(ConversionError, match="already exists"):
         convert_lora_file(source, target, "comfy")
     assert target.read_bytes() == b"mine"
+
+
+def test_a_full_disk_while_writing_a_lora_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from tunekit.trainer.adapters import kohya
+
+    source = tmp_path / "in.safetensors"
+    safetensors.torch.save_file(kohya_sd1(), str(source))
+
+    def fills_up(tensors, path, metadata=None):
+        with open(path, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kohya.safetensors.torch, "save_file", fills_up)
+    with pytest.raises(ConversionError, match="disk filled up while writing 'out.safetensors'"):
+        convert_lora_file(source, tmp_path / "out.safetensors", "comfy")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.safetensors"]

@@ -190,3 +190,16 @@ def test_a_resized_lora_keeps_its_format(tmp_path):
     source = save(tmp_path / "c.safetensors", comfy.tensors, comfy.metadata)
     resize_lora_file(source, tmp_path / "o.safetensors", 2)
     assert all(key.startswith("diffusion_model.") for key in load(tmp_path / "o.safetensors"))
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from tunekit.trainer.convert.diffusers_folder import single_file_to_diffusers
+    from tunekit.trainer.convert.errors import UnknownArchitectureError
+
+    other = save(tmp_path / "flux.safetensors", {"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)})
+    lora = save(tmp_path / "l.safetensors", add_lora({}, Q, 8, 8))
+    with pytest.raises(UnknownArchitectureError, match="not an SD1/SD2/SDXL single-file checkpoint"):
+        merge_loras(other, [LoraToMerge(lora)], tmp_path / "out.safetensors")
+    with pytest.raises(UnknownArchitectureError, match="not an SD1/SD2/SDXL"):
+        single_file_to_diffusers(other, tmp_path / "folder")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["flux.safetensors", "l.safetensors"]
