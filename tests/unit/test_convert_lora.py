@@ -104,6 +104,13 @@ def test_older_diffusers_attention_processor_keys_are_read():
                                      for side in ("down", "up")]
 
 
+def test_simpletuner_lycoris_keys_are_read():
+    t = {"lycoris_down_blocks_0_attentions_0_proj_in.lokr_w1": torch.ones(4, 4),
+         "lycoris_down_blocks_0_attentions_0_proj_in.lokr_w2": torch.ones(80, 80)}
+    comfy = convert_lora(t, {}, "comfy", family="sd1")
+    assert sorted(comfy.tensors) == ["diffusion_model.input_blocks.1.1.proj_in.lokr_w1", "diffusion_model.input_blocks.1.1.proj_in.lokr_w2"]
+
+
 def test_loha_and_lokr_are_kept_by_kohya_and_comfy_and_refused_by_diffusers():
     g = torch.Generator().manual_seed(0)
     t = {f"lora_unet_input_blocks_4_1_proj_in.hada_{name}": torch.randn(shape, generator=g)

@@ -84,8 +84,9 @@ COMFY_CLIP_COMPONENT = {"clip_l": "te1", "clip_h": "te1", "clip_g": "te2"}
 
 
 def _split_module(key: str, module: str, param: str) -> RawKey:
-    if module.startswith("lora_unet_"):
-        return RawKey(key, "kohya", "unet", "kohya_unet", module[len("lora_unet_"):], param)
+    for prefix in ("lora_unet_", "lycoris_"):  # lycoris_: SimpleTuner's LyCORIS files, kohya-style names
+        if module.startswith(prefix):
+            return RawKey(key, "kohya", "unet", "kohya_unet", module[len(prefix):], param)
     if match := _KOHYA_TE.match(module):
         component = "te2" if match.group(1) == "2" else "te1"
         return RawKey(key, "kohya", component, f"lora_te{match.group(1)}", from_kohya(match.group(2)), param)

@@ -9,7 +9,7 @@ from collections import Counter
 import torch
 
 from .arch import Arch, arch_from_metadata
-from .lora_keys import LoRA, ModuleRef, adapter_kind, module_name, rank
+from .lora_keys import LoRA, adapter_kind, module_name, rank
 from .unet_names import UNetLayout
 
 log = logging.getLogger("tunekit.convert")
@@ -131,5 +131,3 @@ def module_summary(lora: LoRA) -> dict[str, int]:
         counts[f"{ref.component}:{adapter_kind(params)}"] += 1
     return dict(sorted(counts.items()))
 
-
-__all__ = ["ModuleRef", "converted_metadata", "module_summary", "peft_adapter_metadata", "peft_alphas"]
