@@ -36,6 +36,22 @@ class LoRABranch(nn.Module):
         dtype = self.down.weight.dtype
         return self.up(self.down(x.to(dtype))) * self.scale
 
+    def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`output + scale * up(down(x))`, the scale and the sum fused into the up projection's GEMM
+        (addmm / baddbmm with beta 1): no separate multiply and add over the layer's whole output."""
+        hidden = self.down(x.to(self.down.weight.dtype))
+        weight = self.up.weight
+        if output.dtype != weight.dtype:  # half-precision host weights: the branch stays fp32
+            return output + (self.up(hidden) * self.scale).to(output.dtype)
+        if isinstance(self.up, nn.Linear):
+            fused = torch.addmm(output.reshape(-1, output.shape[-1]), hidden.reshape(-1, self.rank), weight.t(),
+                                alpha=self.scale)
+            return fused.view(output.shape)
+        batch, channels = output.shape[:2]
+        fused = torch.baddbmm(output.reshape(batch, channels, -1), weight.view(1, channels, self.rank).expand(batch, -1, -1),
+                              hidden.reshape(batch, self.rank, -1), alpha=self.scale)
+        return fused.view(output.shape)
+
     def kohya_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return {
             f"{name}.lora_down.weight": self.down.weight.detach(),
