@@ -201,9 +201,19 @@ class FlopCount:
     """torch.utils.flop_counter over one step: what the step executes (matmuls, convs, attention)."""
 
     def __enter__(self):
-        from torch.utils.flop_counter import FlopCounterMode
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-        self.mode = FlopCounterMode(display=False)
+        # torch's table misses the CPU kernels of scaled_dot_product_attention (diffusers' attention on a
+        # CPU, ComfyUI's with --use-pytorch-cross-attention): count them like the GPU kernels.
+        aten = torch.ops.aten
+        cpu_sdpa = {
+            aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                lambda g, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(g, q, k, v),
+        }
+        self.mode = FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
         self.mode.__enter__()
         return self
 
