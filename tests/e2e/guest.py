@@ -22,12 +22,17 @@ def tunekit_node_ids(checkout: Path = REPO) -> set[str]:
     return found
 
 
-def demo_prompt(server, checkout: Path = REPO, steps: int | None = None, prefix: str | None = None) -> dict:
-    """The example workflow as the frontend would queue it, optionally shorter or with other file names."""
+def demo_prompt(server, checkout: Path = REPO, steps: int | None = None, prefix: str | None = None,
+                sample_steps: int | None = 2) -> dict:
+    """The example workflow as the frontend would queue it, optionally shorter (training `steps`, sampler
+    `sample_steps`: these tests check where it runs, test_example_workflows.py runs it as shipped) or with
+    other file names."""
     workflow = json.loads((checkout / DEMO).read_text(encoding="utf-8"))
     prompt = workflow_api.ui_to_api(workflow, server.object_info())
     for node in prompt.values():
         inputs = node["inputs"]
+        if node["class_type"] == "KSampler" and sample_steps is not None:
+            inputs["steps"] = sample_steps
         if node["class_type"] == "TuneKitTrainLoRA":
             if steps is not None:
                 inputs["steps"] = steps

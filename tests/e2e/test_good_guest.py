@@ -50,7 +50,8 @@ def test_quick_test_for_ci_exits_0_and_tunekit_loads_in_under_a_second(comfy_hos
     seconds = tunekit_import_seconds(log)
     print(f"\nComfyUI {comfy_host.version}: TuneKit import + registration {seconds:.1f} s")
     assert seconds < 1.0
-    assert "Traceback" not in log, log[-3000:]
+    # The bare host logs tracebacks of its own (0.3.75: audio nodes without torchaudio); none may be TuneKit's.
+    assert not re.search(r'File ".*ComfyUI-TuneKit', log), log[-3000:]
 
 
 def test_the_shared_server_imported_tunekit_in_under_a_second(comfy):
