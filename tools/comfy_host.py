@@ -42,7 +42,9 @@ from pathlib import Path
 log = logging.getLogger("comfy_host")
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = REPO / ".cache"
+# Downloads and provisioned hosts. TUNEKIT_HOST_CACHE moves them out of the checkout, so that fresh clones
+# (CI) reuse hosts built before; every provisioning step still checks its stamp against its inputs.
+DEFAULT_CACHE = Path(os.environ.get("TUNEKIT_HOST_CACHE") or REPO / ".cache")
 DEFAULT_VERSION = "0.3.75"
 # The local CPU wheel. An unpinned torch (or torchvision) makes pip fetch a multi-GB CUDA build.
 TORCH_SPEC = "torch==2.13.0"

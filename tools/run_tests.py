@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -89,6 +90,23 @@ def run_session(version: str, pytest_args: list[str]) -> tuple[int, float]:
     return code, time.monotonic() - began
 
 
+def provision_ahead(versions: list[str]) -> threading.Thread | None:
+    """Provision the later hosts while the first one's tests run (pip downloads and installs overlap them).
+    A failure here is only logged: that host's own session provisions it again and reports the error."""
+    def work() -> None:
+        for version in versions:
+            try:
+                comfy_host.provision(version, with_test_deps=True)
+            except Exception:  # noqa: BLE001 - reported again, properly, by run_session
+                log.exception("provisioning ComfyUI %s ahead failed; its session will retry", version)
+
+    if not versions:
+        return None
+    thread = threading.Thread(target=work, name="provision-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(pytest_args: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     began = time.monotonic()
@@ -99,6 +117,7 @@ def main(pytest_args: list[str]) -> int:
     # Given paths run once, on the named host or the first of the plan; otherwise the whole plan.
     plan = [(version or CI_PLAN[0][0], [])] if version or has_paths else CI_PLAN
     results = []
+    provision_ahead([host_version for host_version, _ in plan[1:]])
     for host_version, extra in plan:
         log.info("=== ComfyUI %s: pytest %s", host_version, " ".join([*pytest_args, *extra]) or "(all tests)")
         code, seconds = run_session(host_version, [*pytest_args, *extra])
