@@ -71,7 +71,11 @@ def main() -> None:
         from tunekit.trainer.data import Dataset, TrainImage
         from tunekit.trainer.session import TrainSession
 
+        from tunekit.nodes.bridge import training_attention
+
         result["comfy_attention"] = wc.comfy_attention_name()
+        if training_attention():  # the bridge trains with SDPA where ComfyUI only fell back to sub-quadratic
+            result["comfy_attention"] = f"attention_pytorch (bridge override of {result.data['comfy_attention']})"
         latents, context, pooled = wc.make_inputs(spec)
         result.phase = "load"
         patcher = wc.build_comfy_model(spec)

@@ -80,6 +80,7 @@ def check_storage() -> dict:
     import numpy as np
     import torch
 
+    import comfy.ldm.modules.attention as attention
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
@@ -129,6 +130,14 @@ def check_storage() -> dict:
         def should_stop(self):
             return False
 
+    calls = {"sdpa": 0}
+    sdpa = attention.attention_pytorch
+
+    def counting_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    attention.attention_pytorch = counting_sdpa  # the bridge looks it up at call time
     image = TrainImage("probe 0", "a probe", np.full((64, 64, 3), 128, dtype=np.uint8))
     config = LoRAConfig(steps=2, rank=4, alpha=4, resolution=64, targets="all", learning_rate=1e-3)
     with torch.inference_mode():
@@ -142,6 +151,8 @@ def check_storage() -> dict:
         "during_steps": seen,
         "restored": sum(after[n] is originals[n] for n in after),
         "hooks_left": sum(len(m._forward_hooks) for m in unet.modules()),
+        "default_attention": attention.optimized_attention.__name__,
+        "sdpa_calls": calls["sdpa"],
     }
 
 

@@ -3,6 +3,7 @@
 - Training aliases the host's weights: while steps run, every parameter of the loaded UNet is a frozen
   alias on the very storage ComfyUI loaded (nothing copied, no weight gradients), and afterwards the
   host's own tensors are back and no hook is left.
+- Where ComfyUI runs its sub-quadratic attention only as the CPU default, training runs torch's SDPA.
 - The 'all' preset (every Linear and Conv2d) gets kohya names that ComfyUI's LoRA loader maps back to
   the same weights, for the full SD1.5 and SDXL layouts (SD1 in diffusers style, as kohya/A1111 write).
 """
@@ -10,6 +11,8 @@
 import json
 import subprocess
 from pathlib import Path
+
+import pytest
 
 PROBE = Path(__file__).resolve().parent / "comfy_unet_probe.py"
 
@@ -22,8 +25,13 @@ def _probe(comfy_host, check: str) -> dict:
     return json.loads(lines[-1][len("PROBE "):])
 
 
-def test_training_on_comfys_unet_shares_the_hosts_weight_storage(comfy_host):
-    report = _probe(comfy_host, "storage")
+@pytest.fixture(scope="module")
+def storage_report(comfy_host) -> dict:
+    return _probe(comfy_host, "storage")
+
+
+def test_training_on_comfys_unet_shares_the_hosts_weight_storage(storage_report):
+    report = storage_report
     count = report["parameters"]
     assert report["branches"] > 100 and report["branch_grads"] == 2 * report["branches"]
     assert len(report["during_steps"]) == 2
@@ -32,6 +40,12 @@ def test_training_on_comfys_unet_shares_the_hosts_weight_storage(comfy_host):
         assert step["same_storage"] == count and step["same_data"] == count  # ...on the same memory
         assert step["inference"] == 0 and step["requires_grad"] == 0  # no full weight gradients
     assert report["restored"] == count and report["hooks_left"] == 0
+
+
+def test_training_uses_sdpa_where_comfyui_fell_back_to_sub_quadratic_attention(storage_report):
+    report = storage_report  # a CPU host started without attention flags
+    assert report["default_attention"] == "attention_sub_quad"
+    assert report["sdpa_calls"] > 0
 
 
 def test_every_linear_and_conv_gets_a_kohya_name_comfyui_loads(comfy_host):
