@@ -58,7 +58,12 @@ ADDED_REQUIREMENTS = ("requests",)
 MANAGER_REQUIREMENTS = "manager_requirements.txt"
 # What the tests import beside ComfyUI's own requirements. Playwright drives Debian's Chromium
 # (/usr/bin/chromium, installed by tools/run_tests.py); its own browser download is never used.
-TEST_PACKAGES = ("pytest", "playwright")
+# The others are TuneKit's optional extras (pyproject.toml), pinned so the features they enable are
+# tested; tests/e2e/test_good_guest.py hides them again to check TuneKit without them.
+TEST_PACKAGES = (
+    "pytest", "playwright",
+    "peft==0.21.2", "bitsandbytes==0.50.2", "pytorch-optimizer==4.1.0", "onnx==1.23.2", "onnxruntime==1.31.1",
+)
 
 
 # --------------------------------------------------------------------------------------------
