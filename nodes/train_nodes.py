@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 from ..trainer.adapters import TARGET_PRESETS
 from ..trainer.adapters.kohya import save_lora
 from ..trainer.checkpoints import latest_state_folder
-from ..trainer.config import LoRAConfig
+from ..trainer.config import TrainConfig
 from ..trainer.files import unused_path
 from ..trainer.session import TrainSession
 from .bridge import ComfyModelBridge
@@ -22,7 +22,7 @@ from .paths import checked_name, latent_cache_directory, loras_directory, run_di
 
 log = logging.getLogger("tunekit")
 CATEGORY = "TuneKit/train"
-DEFAULTS = LoRAConfig()
+DEFAULTS = TrainConfig()
 
 
 class TrainLoRA(io.ComfyNode):
@@ -80,7 +80,7 @@ class TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, run_name, steps, learning_rate, rank, alpha, batch_size,
                 resolution, targets, seed, save_every, resume):
-        config = LoRAConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, batch_size=batch_size,
+        config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, batch_size=batch_size,
                             resolution=resolution, seed=seed, targets=targets, save_every=save_every)
         session, host = _start_session(ComfyModelBridge(model, clip, vae), dataset, config, run_name, resume, cls.hidden.unique_id)
         try:

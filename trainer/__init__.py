@@ -1,5 +1,5 @@
 """TuneKit's training core: host-agnostic (imports nothing of ComfyUI).
 
-A host hands a `ModelBridge` (its already-loaded models), a `Dataset` and a `LoRAConfig` to a
+A host hands a `ModelBridge` (its already-loaded models), a `Dataset` and a `TrainConfig` to a
 `TrainSession`, and receives events through its `Host`.
 """

@@ -1,4 +1,4 @@
-"""Training settings: one versioned dataclass, validated as a whole before any model work."""
+"""Training settings of every method: one versioned dataclass, validated as a whole before any model work."""
 
 from dataclasses import asdict, dataclass, fields
 
@@ -9,7 +9,7 @@ CONFIG_VERSION = 1
 
 
 @dataclass
-class LoRAConfig:
+class TrainConfig:
     steps: int = 300
     learning_rate: float = 1e-4
     rank: int = 16
@@ -50,7 +50,7 @@ class LoRAConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LoRAConfig":
+    def from_dict(cls, data: dict) -> "TrainConfig":
         """Read a saved config; unknown keys from newer versions are ignored, missing ones defaulted."""
         known = {field.name for field in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})

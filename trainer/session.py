@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .adapters import AdapterNetwork, select_targets
 from .adapters.kohya import lora_metadata, tag_frequency
 from .checkpoints import TrainState, load_state, save_state
-from .config import LoRAConfig
+from .config import TrainConfig
 from .data import Dataset
 from .data.feed import Example, TrainingFeed
 from .data.plan import DatasetPlan, epoch_batches, plan_dataset
@@ -39,7 +39,7 @@ class TrainSession:
         self,
         bridge: ModelBridge,
         dataset: Dataset,
-        config: LoRAConfig,
+        config: TrainConfig,
         run_dir: Path | None = None,
         cache_dir: Path | None = None,
     ):
@@ -99,7 +99,7 @@ class TrainSession:
         # Outside inference mode: loaded optimizer state is updated in place by every step.
         with torch.inference_mode(False):
             state = load_state(folder)
-            self._check_resumable(folder, LoRAConfig.from_dict(state.config))
+            self._check_resumable(folder, TrainConfig.from_dict(state.config))
             self.network.load_kohya_state_dict(state.network)
             self.optimizer.load_state_dict(state.optimizer)
             self.generator.set_state(state.generator)
@@ -109,7 +109,7 @@ class TrainSession:
             self.order, self.position = [], 0
         self._last_checkpoint = folder
 
-    def _check_resumable(self, folder: Path, saved: LoRAConfig) -> None:
+    def _check_resumable(self, folder: Path, saved: TrainConfig) -> None:
         if (saved.rank, saved.targets, saved.alpha) != (self.config.rank, self.config.targets, self.config.alpha):
             raise ConfigError([
                 f"cannot resume {folder}: it was trained with rank {saved.rank}, alpha {saved.alpha}, targets "

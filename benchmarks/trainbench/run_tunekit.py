@@ -67,7 +67,7 @@ def main() -> None:
         torch.manual_seed(spec["seed"])
         wc.import_comfy(spec)
         wc.import_tunekit()
-        from tunekit.trainer.config import LoRAConfig
+        from tunekit.trainer.config import TrainConfig
         from tunekit.trainer.data import Dataset, TrainImage
         from tunekit.trainer.session import TrainSession
 
@@ -89,7 +89,7 @@ def main() -> None:
             TrainImage(f"image {i}", f"image {i}", np.full((side, side, 3), 10 * (i + 1), dtype=np.uint8))
             for i in range(spec["batch"])
         ]
-        config = LoRAConfig(
+        config = TrainConfig(
             steps=spec["warmup"] + spec["steps"], learning_rate=1e-4, rank=spec["rank"], alpha=spec["rank"],
             batch_size=spec["batch"], resolution=side, seed=spec["seed"], targets=spec["tunekit_preset"],
         )

@@ -85,7 +85,7 @@ def check_storage() -> dict:
     import comfy.model_patcher
     import comfy.supported_models
     from tunekit.nodes.bridge import ComfyModelBridge
-    from tunekit.trainer.config import LoRAConfig
+    from tunekit.trainer.config import TrainConfig
     from tunekit.trainer.data import Dataset, TrainImage
     from tunekit.trainer.events import StepDone
     from tunekit.trainer.host import PromptEmbedding
@@ -139,7 +139,7 @@ def check_storage() -> dict:
 
     attention.attention_pytorch = counting_sdpa  # the bridge looks it up at call time
     image = TrainImage("probe 0", "a probe", np.full((64, 64, 3), 128, dtype=np.uint8))
-    config = LoRAConfig(steps=2, rank=4, alpha=4, resolution=64, targets="all", learning_rate=1e-3)
+    config = TrainConfig(steps=2, rank=4, alpha=4, resolution=64, targets="all", learning_rate=1e-3)
     with torch.inference_mode():
         session = TrainSession(Bridge(patcher, None, None), Dataset.from_images([image]), config)
         session.run(Host())

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tunekit.trainer.config import LoRAConfig
+from tunekit.trainer.config import TrainConfig
 from tunekit.trainer.data import Dataset, TrainImage
 from tunekit.trainer.session import TrainSession
 
@@ -29,7 +29,7 @@ def solid_dataset(count: int = 4) -> Dataset:
 def make_session(run_dir: Path | None = None, bridge: FakeBridge | None = None, **overrides) -> TrainSession:
     settings = dict(steps=40, learning_rate=5e-3, rank=4, alpha=4, resolution=64, seed=3)
     settings.update(overrides)
-    return TrainSession(bridge or FakeBridge(), solid_dataset(), LoRAConfig(**settings), run_dir)
+    return TrainSession(bridge or FakeBridge(), solid_dataset(), TrainConfig(**settings), run_dir)
 
 
 def write_png(path: Path, colour=(200, 20, 20), mode="RGB", size=(32, 32)) -> Path:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from tunekit.trainer.checkpoints import latest_state_folder
-from tunekit.trainer.config import LoRAConfig
+from tunekit.trainer.config import TrainConfig
 from tunekit.trainer.data import Augment, BucketSettings, CaptionOptions, Dataset, TrainImage, scan_image_folder
 from tunekit.trainer.data.buckets import Assignment
 from tunekit.trainer.data.transforms import crop_to_bucket, random_crop
@@ -40,7 +40,7 @@ def scan(folder, **subset):
 
 
 def session(dataset, run_dir=None, bridge=None, cache_dir=None, **overrides):
-    return TrainSession(bridge or FakeBridge(), dataset, LoRAConfig(**{**SETTINGS, **overrides}), run_dir, cache_dir)
+    return TrainSession(bridge or FakeBridge(), dataset, TrainConfig(**{**SETTINGS, **overrides}), run_dir, cache_dir)
 
 
 def test_batches_never_mix_buckets_and_an_epoch_covers_every_repeat(tmp_path):

@@ -9,14 +9,14 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from ..config import LoRAConfig
+from ..config import TrainConfig
 from ..families import Family
 from ..files import atomic_write
 
 
 def lora_metadata(
     family: Family,
-    config: LoRAConfig,
+    config: TrainConfig,
     *,
     output_name: str,
     steps_done: int,
