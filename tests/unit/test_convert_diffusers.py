@@ -166,3 +166,55 @@ def test_a_failed_write_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="disk filled up"):
         single_file_to_diffusers(checkpoint(tmp_path, "sd1"), tmp_path / "folder")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["sd1.safetensors"]
+
+
+LOAD_LORA = """
+import json, sys
+import diffusers, torch
+root = sys.argv[1]
+torch.manual_seed(0)
+sample, timestep, context = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 768)
+tokens = torch.randint(0, 49407, (1, 77))
+
+def outputs(pipeline):
+    with torch.no_grad():
+        return (pipeline.unet(sample, timestep, context).sample, pipeline.text_encoder(tokens)[0])
+
+base = diffusers.StableDiffusionPipeline.from_pretrained(f"{root}/base", local_files_only=True)
+before = outputs(base)
+base.load_lora_weights(f"{root}/extracted.safetensors")
+after = outputs(base)
+tuned = outputs(diffusers.StableDiffusionPipeline.from_pretrained(f"{root}/tuned", local_files_only=True))
+print(json.dumps({part: {"lora_vs_tuned": (after[i] - tuned[i]).abs().max().item(),
+                         "base_vs_tuned": (before[i] - tuned[i]).abs().max().item()}
+                  for i, part in enumerate(("unet", "text_encoder"))}))
+"""
+
+
+def test_a_kohya_lora_tunekit_extracts_loads_in_diffusers_and_gives_the_tuned_model(tmp_path, tokenizer):
+    """diffusers' load_lora_weights (through PEFT) on a kohya file TuneKit wrote: the base pipeline with it
+    computes what the tuned checkpoint computes, for a UNet attention layer, a 3x3 conv and text-encoder layers."""
+    needs("diffusers")
+    needs("peft")
+    from tunekit.trainer.convert.extract import ExtractOptions, extract_lora_file
+
+    base = checkpoint(tmp_path, "sd1")
+    weights, generator = safetensors.torch.load_file(str(base)), torch.Generator().manual_seed(7)
+    unet = "model.diffusion_model."
+    weights[f"{unet}input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"] += torch.randn(64, 64, generator=generator) * 0.2
+    weights[f"{unet}input_blocks.1.0.in_layers.2.weight"] += torch.randn(64, 64, 3, 3, generator=generator) * 0.05
+    # diffusers recognises a text-encoder LoRA by an out_proj among its layers (as every real one has)
+    for projection in ("q_proj", "out_proj"):
+        key = f"cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.{projection}.weight"
+        weights[key] += torch.randn(64, 64, generator=generator) * 0.2
+    tuned = tmp_path / "tuned.safetensors"
+    safetensors.torch.save_file(weights, str(tuned))
+    report = extract_lora_file(tuned, base, tmp_path / "extracted.safetensors",
+                               ExtractOptions(rank=64, conv=True, dtype=torch.float32))
+    assert report.layers == 4
+    for name, source in (("base", base), ("tuned", tuned)):
+        single_file_to_diffusers(source, tmp_path / name, tokenizer_dir=tokenizer)
+    distances = json.loads(run_python(LOAD_LORA, str(tmp_path)).splitlines()[-1])
+    for part, distance in distances.items():
+        assert distance["base_vs_tuned"] > 1e-2, (part, distance)  # the change is visible...
+        assert distance["lora_vs_tuned"] < 1e-4, (part, distance)  # ...and the LoRA reproduces it
