@@ -203,3 +203,14 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(UnknownArchitectureError, match="not an SD1/SD2/SDXL"):
         single_file_to_diffusers(other, tmp_path / "folder")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["flux.safetensors", "l.safetensors"]
+
+
+def test_an_sdxl_refiner_is_named_and_refused(tmp_path):
+    from tunekit.trainer.convert.diffusers_folder import single_file_to_diffusers
+    from tunekit.trainer.convert.errors import UnknownArchitectureError
+
+    refiner = save(tmp_path / "refiner.safetensors", {f"{UNET}input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+                                                      "conditioner.embedders.0.model.ln_final.weight": torch.ones(8)})
+    with pytest.raises(UnknownArchitectureError, match="SDXL refiner"):
+        single_file_to_diffusers(refiner, tmp_path / "folder")
+    assert not (tmp_path / "folder").exists()

@@ -102,6 +102,11 @@ def arch_from_checkpoint_keys(keys) -> Arch:
         return SD2_ARCH
     if has(SD1_ARCH.text_encoders[0].checkpoint_prefix):
         return SD1_ARCH
+    if has("conditioner.embedders.0.model."):  # OpenCLIP-G alone: the SDXL refiner's layout
+        raise UnknownArchitectureError(
+            "This is an SDXL refiner checkpoint (one OpenCLIP-G text encoder at 'conditioner.embedders.0.model.'): "
+            "TuneKit converts SD1.x, SD2.x and SDXL base checkpoints, not the refiner yet."
+        )
     if not has(UNET_PREFIX):
         raise UnknownArchitectureError(
             f"This file has no '{UNET_PREFIX}*' keys (first keys: {keys[:3]}): it is not an SD1/SD2/SDXL "
