@@ -42,7 +42,11 @@ class TrainSession:
         config: TrainConfig,
         run_dir: Path | None = None,
         cache_dir: Path | None = None,
+        trainable: torch.nn.Module | None = None,
     ):
+        """`trainable`: what to train instead of the LoRA network the config describes (e.g. a
+        trainer.finetune.FullFineTune); it has the network's interface: attach/detach, parameters,
+        kohya_state_dict/load_kohya_state_dict for resumable states."""
         config.validate()
         if not len(dataset):
             raise DatasetError("The dataset is empty: give the trainer at least one image.")
@@ -52,7 +56,7 @@ class TrainSession:
             reasons = "; ".join(f"{Path(s.source).name}: {s.reason}" for s in self.plan.unassigned[:5])
             raise DatasetError(f"No image of the dataset fits a bucket ({reasons}).")
         self.feed = TrainingFeed(bridge, self.plan, config.seed, cache_dir)
-        self.network = self._build_network()
+        self.network = trainable if trainable is not None else self._build_network()
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.learning_rate)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step, self.order, self.position = 0, [], 0  # order: this epoch's batches (plan item indices)
