@@ -27,4 +27,20 @@ class Notice:
     message: str
 
 
-Event = StepDone | CheckpointSaved | Notice
+@dataclass(frozen=True)
+class ValidationLoss:
+    """Mean loss on held-out images at fixed noise and timesteps (trainer/monitor.py)."""
+
+    step: int
+    loss: float
+    images: int
+    train_loss: float | None  # mean training loss since the previous validation
+
+
+@dataclass(frozen=True)
+class SamplesSaved:
+    step: int
+    paths: tuple[Path, ...]
+
+
+Event = StepDone | CheckpointSaved | Notice | ValidationLoss | SamplesSaved

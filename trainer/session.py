@@ -61,6 +61,9 @@ class TrainSession:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step, self.order, self.position = 0, [], 0  # order: this epoch's batches (plan item indices)
         self.losses: list[float] = []
+        # Called as hook(session, host) inside the training context, before the first step and after every
+        # step (trainer/monitor.py: validation loss, samples); they must not touch the training RNG.
+        self.step_hooks: list = []
         self.started_at = time.time()
         self._prepared = False
         self._last_checkpoint: Path | None = None
@@ -127,10 +130,12 @@ class TrainSession:
         try:
             # Hosts may call us under inference mode (ComfyUI runs every node in it).
             with torch.inference_mode(False), torch.enable_grad(), self.bridge.training(self.network.attach, self.network.detach):
+                self._call_step_hooks(host)
                 while self.step < self.config.steps:
                     if host.should_stop():
                         return self._stop_early(host)
                     self._train_step(host)
+                    self._call_step_hooks(host)
                     if self._save_due():
                         self._save(host, partial=True)
         except BaseException:
@@ -139,6 +144,10 @@ class TrainSession:
             self._keep_progress(host)
             raise
         return TrainResult(self.step, False, self.losses, self._last_checkpoint)
+
+    def _call_step_hooks(self, host: Host) -> None:
+        for hook in self.step_hooks:
+            hook(self, host)
 
     def _train_step(self, host: Host) -> None:
         began = time.perf_counter()

@@ -1,0 +1,133 @@
+"""Validation loss on held-out images and the sample schedule (trainer/monitor.py) on the tiny denoiser."""
+
+import random
+
+import pytest
+import torch
+
+from tunekit.trainer.config import TrainConfig
+from tunekit.trainer.data import Dataset, TrainImage
+from tunekit.trainer.errors import ConfigError
+from tunekit.trainer.events import SamplesSaved, ValidationLoss
+from tunekit.trainer.monitor import Monitor, MonitorSettings, ValidationSet, read_log, split_validation
+from tunekit.trainer.session import TrainSession
+
+from fakes import FakeBridge
+from helpers import solid_images
+
+SETTINGS = dict(learning_rate=5e-3, rank=4, alpha=4, resolution=64, seed=3)
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, event):
+        self.events.append(event)
+
+    def should_stop(self):
+        return False
+
+    def of(self, kind):
+        return [event for event in self.events if isinstance(event, kind)]
+
+
+def six_images() -> Dataset:
+    return Dataset.from_images([TrainImage(f"graph image {i}", "tkred square", pixels)
+                                for i, pixels in enumerate(solid_images(6))])
+
+
+def monitored_session(steps, every, run_dir=None, count=2, sampler=None):
+    bridge = FakeBridge()
+    train, held_out = split_validation(six_images(), count, seed=5)
+    session = TrainSession(bridge, train, TrainConfig(steps=steps, **SETTINGS), run_dir)
+    validation = ValidationSet(bridge, held_out, 64, seed=5, draws=4) if held_out else None
+    monitor = Monitor(MonitorSettings(every=every, validation_count=count), validation, sampler, run_dir)
+    session.step_hooks.append(monitor)
+    return session, monitor
+
+
+def network_weights(session):
+    return {k: v.clone() for k, v in session.network.kohya_state_dict(torch.float32).items()}
+
+
+def test_the_split_is_fixed_by_its_seed_and_the_held_out_images_are_not_trained_on():
+    train, held = split_validation(six_images(), 2, seed=5)
+    again_train, again_held = split_validation(six_images(), 2, seed=5)
+    held_names = [image.source for image in held.images]
+    assert held_names == [image.source for image in again_held.images]
+    assert [i.source for i in train.images] == [i.source for i in again_train.images]
+    assert len(held_names) == 2 and not set(held_names) & {i.source for i in train.images}
+    others = {tuple(i.source for i in split_validation(six_images(), 2, seed=s)[1].images) for s in range(8)}
+    assert len(others) > 1, "the seed should choose which images are held out"
+    session, _ = monitored_session(steps=1, every=1)
+    assert not {item.image.source for item in session.plan.items} & set(held_names)
+    assert len(session.plan.items) == 4
+
+
+def test_holding_out_every_image_is_refused_with_the_count():
+    with pytest.raises(ConfigError, match="validation_count is 6 but the dataset has 6 training images"):
+        split_validation(six_images(), 6, seed=0)
+    with pytest.raises(ConfigError, match="every is 0"):
+        Monitor(MonitorSettings(every=0))
+
+
+def test_validation_loss_is_fixed_for_a_fixed_model():
+    bridge = FakeBridge()
+    _, held = split_validation(six_images(), 2, seed=5)
+    first, second = ValidationSet(bridge, held, 64, seed=5, draws=4), ValidationSet(bridge, held, 64, seed=5, draws=4)
+    other_noise = ValidationSet(bridge, held, 64, seed=6, draws=4)
+    torch.randn(100)  # the global RNG does not enter
+    assert first.loss() == first.loss() == second.loss()
+    assert other_noise.loss() != first.loss()
+    assert first.timesteps().tolist() == [125, 375, 625, 875]
+
+
+def test_monitor_runs_at_step_zero_every_n_steps_and_at_the_end_and_logs_the_curve(tmp_path):
+    sampled = []
+    session, monitor = monitored_session(steps=10, every=4, run_dir=tmp_path, sampler=lambda step: sampled.append(step) or [])
+    host = Recorder()
+    session.run(host)
+    validations = host.of(ValidationLoss)
+    assert [event.step for event in validations] == [0, 4, 8, 10] == sampled
+    assert [event.step for event in host.of(SamplesSaved)] == sampled
+    assert all(event.images == 2 for event in validations)
+    rows = read_log(tmp_path / "validation.csv")
+    assert [(row["step"], row["validation_loss"]) for row in rows] == [(e.step, e.loss) for e in validations]
+    print("validation loss by step:", [(e.step, round(e.loss, 4)) for e in validations])
+    curve = [event.loss for event in validations]
+    assert all(later < earlier for earlier, later in zip(curve, curve[1:])), "held-out look-alikes should get easier"
+    assert "validation loss (2 held-out images, fixed noise): step 0" in monitor.summary()
+
+
+def test_sampling_and_validation_leave_the_trained_weights_bit_identical():
+    def greedy_sampler(step):  # what ComfyUI's sampling does to global RNG state, and more
+        torch.manual_seed(step)
+        torch.randn(1000)
+        random.random()
+        return []
+
+    plain, _ = monitored_session(steps=8, every=2, count=2, sampler=None)
+    plain.step_hooks.clear()
+    plain.run(Recorder())
+    monitored, _ = monitored_session(steps=8, every=2, count=2, sampler=greedy_sampler)
+    torch.manual_seed(99)
+    before = torch.random.get_rng_state()
+    monitored.run(Recorder())
+    assert torch.equal(torch.random.get_rng_state(), before), "the global RNG was left changed"
+    expected, got = network_weights(plain), network_weights(monitored)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    assert torch.equal(plain.generator.get_state(), monitored.generator.get_state())
+
+
+def test_a_resumed_run_continues_its_validation_curve(tmp_path):
+    session, _ = monitored_session(steps=6, every=3, run_dir=tmp_path)
+    session.run(Recorder())
+    session.save_final(Recorder())
+    longer, _ = monitored_session(steps=9, every=3, run_dir=tmp_path)
+    longer.resume(session.last_checkpoint)
+    host = Recorder()
+    longer.run(host)
+    assert [e.step for e in host.of(ValidationLoss)] == [6, 9]
+    assert [row["step"] for row in read_log(tmp_path / "validation.csv")] == [0, 3, 6, 9]
