@@ -2,6 +2,7 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .caption_nodes import CAPTION_NODES
 from .convert_nodes import CONVERT_NODES
 from .dataset_nodes import DATASET_NODES
 from .train_nodes import SaveLoRA, TrainLoRA
@@ -9,4 +10,4 @@ from .train_nodes import SaveLoRA, TrainLoRA
 
 class TuneKitExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*DATASET_NODES, TrainLoRA, SaveLoRA, *CONVERT_NODES]
+        return [*DATASET_NODES, TrainLoRA, SaveLoRA, *CONVERT_NODES, *CAPTION_NODES]

@@ -27,10 +27,11 @@ class OptionalPackage:
 
 
 # Every optional package TuneKit may import, and what its absence disables. Required packages
-# (numpy, Pillow, safetensors, torch) are in requirements.txt or come with ComfyUI. Empty today:
-# every shipped feature runs on ComfyUI's own packages. Register one here before importing it
+# (numpy, Pillow, safetensors, torch) are in requirements.txt or come with ComfyUI. Register one here before importing it
 # through `require`; tests/e2e/test_good_guest.py hides each one from a running host.
-OPTIONAL_PACKAGES: dict[str, OptionalPackage] = {}
+OPTIONAL_PACKAGES: dict[str, OptionalPackage] = {
+    "onnxruntime": OptionalPackage("onnxruntime", "onnxruntime", "auto-captioning with WD14 taggers"),
+}
 
 
 class MissingPackage(TuneKitError):
