@@ -26,9 +26,16 @@ def allowed_roots() -> list[Path]:
     return [Path(root).resolve() for root in roots]
 
 
-def resolve_dataset_folder(text: str, base: Path | None = None) -> Path:
+def route_roots() -> list[Path]:
+    """What the browser may reach through TuneKit's routes: ComfyUI's input directory and the configured
+    dataset roots only (not output/, user/ or models/, which nodes may read)."""
+    roots = [folder_paths.get_input_directory(), *filter(None, os.environ.get(DATASET_ROOTS_ENV, "").split(os.pathsep))]
+    return [Path(root).resolve() for root in roots]
+
+
+def resolve_dataset_folder(text: str, base: Path | None = None, roots: list[Path] | None = None) -> Path:
     """A folder typed by the user: relative to `base` (ComfyUI's input directory by default), or
-    absolute; either way inside an allowed root (symlinks resolved first)."""
+    absolute; either way inside one of `roots` (default: the allowed roots; symlinks resolved first)."""
     text = text.strip()
     if not text:
         raise PathNotAllowed("No dataset folder given: type a folder name inside ComfyUI's input directory.")
@@ -36,7 +43,7 @@ def resolve_dataset_folder(text: str, base: Path | None = None) -> Path:
     if not candidate.is_absolute():
         candidate = Path(base or folder_paths.get_input_directory()) / candidate
     resolved = candidate.resolve()
-    roots = allowed_roots()
+    roots = roots or allowed_roots()
     if not any(resolved.is_relative_to(root) for root in roots):
         raise PathNotAllowed(
             f"'{text}' is outside the folders TuneKit may read ({', '.join(map(str, roots))}). Move the images "
@@ -55,11 +62,20 @@ def checked_name(value: str, what: str) -> str:
     return value
 
 
-def latent_cache_directory() -> Path:
-    """Where latents are cached across runs: $TUNEKIT_CACHE_DIR, or user/tunekit/cache/latents."""
+def cache_directory() -> Path:
+    """$TUNEKIT_CACHE_DIR, or user/tunekit/cache."""
     configured = os.environ.get(CACHE_DIR_ENV, "").strip()
-    base = Path(configured) if configured else Path(folder_paths.get_user_directory()) / "tunekit" / "cache"
-    return base / "latents"
+    return Path(configured) if configured else Path(folder_paths.get_user_directory()) / "tunekit" / "cache"
+
+
+def latent_cache_directory() -> Path:
+    """Where latents are cached across runs."""
+    return cache_directory() / "latents"
+
+
+def thumbnail_cache_directory() -> Path:
+    """Where the caption editor's thumbnails are cached."""
+    return cache_directory() / "thumbnails"
 
 
 def run_directory(run_name: str) -> Path:

@@ -1,7 +1,9 @@
-"""Resumable training state: the adapter (a loadable kohya LoRA) plus optimizer, step and RNG.
+"""Resumable training state: the artefact (a loadable kohya LoRA) plus everything a run needs to continue
+exactly: raw weights, optimizer, LR schedule, loss scaler, EMA, step, RNG and data order.
 
-Layout: <run_dir>/step_000120/{lora.safetensors, state.pt}. `state.pt` holds only tensors and
-plain containers so it loads with `torch.load(weights_only=True)`.
+Layout: <run_dir>/step_000120/{lora.safetensors, state.pt, config.toml}. `state.pt` holds only tensors and
+plain containers so it loads with `torch.load(weights_only=True)`. Format 1 (before the training options)
+had no scheduler/scaler/EMA/raw weights: it loads as a constant-LR AdamW run, which it was.
 """
 
 import json
@@ -13,22 +15,30 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .errors import TuneKitError
 from .files import atomic_write
 
 log = logging.getLogger(__name__)
 KEEP_LAST = 2
+STATE_FORMAT = 2
+CONFIG_FILE = "config.toml"
 
 
 @dataclass
 class TrainState:
     step: int
-    network: dict[str, torch.Tensor]  # kohya keys, fp32
+    network: dict[str, torch.Tensor]  # the artefact: kohya keys, fp32 (EMA / averaged weights when saved so)
     optimizer: dict
     generator: torch.Tensor
     order: list[int]
     position: int
     config: dict
     dataset: str = ""  # fingerprint of the planned dataset the order indexes
+    raw_network: dict[str, torch.Tensor] | None = None  # the trained weights where they differ from `network`
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    ema: dict | None = None
+    config_toml: str = ""
 
 
 def save_state(run_dir: Path, state: TrainState) -> Path:
@@ -37,6 +47,7 @@ def save_state(run_dir: Path, state: TrainState) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "lora.safetensors", lambda temp: safetensors.torch.save_file(state.network, str(temp)))
     extras = {
+        "format": STATE_FORMAT,
         "step": state.step,
         "optimizer": state.optimizer,
         "generator": state.generator,
@@ -44,10 +55,21 @@ def save_state(run_dir: Path, state: TrainState) -> Path:
         "position": state.position,
         "config": json.dumps(state.config),
         "dataset": state.dataset,
+        "raw_network": state.raw_network,
+        "scheduler": state.scheduler,
+        "scaler": state.scaler,
+        "ema": state.ema,
     }
     atomic_write(folder / "state.pt", lambda temp: torch.save(extras, temp))
+    if state.config_toml:
+        write_config(folder, state.config_toml)
     _prune(run_dir, keep=folder)
     return folder
+
+
+def write_config(folder: Path, config_toml: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return atomic_write(folder / CONFIG_FILE, lambda temp: Path(temp).write_text(config_toml, encoding="utf-8"))
 
 
 def latest_state_folder(run_dir: Path) -> Path | None:
@@ -56,16 +78,30 @@ def latest_state_folder(run_dir: Path) -> Path | None:
 
 
 def load_state(folder: Path) -> TrainState:
-    extras = torch.load(folder / "state.pt", weights_only=True)
+    try:
+        extras = torch.load(folder / "state.pt", weights_only=True)
+        network = safetensors.torch.load_file(str(folder / "lora.safetensors"))
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file: say which and what to do
+        raise TuneKitError(
+            f"cannot read the training state in {folder} ({type(error).__name__}: {error}). Resume from another "
+            f"step_* folder of the run, or start a new run."
+        ) from error
+    if extras.get("format", 1) > STATE_FORMAT:
+        raise TuneKitError(f"{folder} was saved by a newer TuneKit (state format {extras['format']}): update TuneKit "
+                           f"to resume it.")
     return TrainState(
         step=extras["step"],
-        network=safetensors.torch.load_file(str(folder / "lora.safetensors")),
+        network=network,
         optimizer=extras["optimizer"],
         generator=extras["generator"],
         order=list(extras["order"]),
         position=extras["position"],
         config=json.loads(extras["config"]),
         dataset=extras.get("dataset", ""),
+        raw_network=extras.get("raw_network"),
+        scheduler=extras.get("scheduler"),
+        scaler=extras.get("scaler"),
+        ema=extras.get("ema"),
     )
 
 

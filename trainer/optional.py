@@ -30,6 +30,9 @@ class OptionalPackage:
 # (numpy, Pillow, safetensors, torch) are in requirements.txt or come with ComfyUI. Register one here before importing it
 # through `require`; tests/e2e/test_good_guest.py hides each one from a running host.
 OPTIONAL_PACKAGES: dict[str, OptionalPackage] = {
+    "bitsandbytes": OptionalPackage("bitsandbytes", "bitsandbytes", "the 'adamw8bit' optimizer"),
+    "pytorch_optimizer": OptionalPackage("pytorch_optimizer", "pytorch-optimizer",
+                                         "the 'lion', 'prodigy' and 'schedule_free_adamw' optimizers"),
     "onnxruntime": OptionalPackage("onnxruntime", "onnxruntime", "auto-captioning with WD14 taggers"),
 }
 

@@ -1,26 +1,33 @@
 """TrainSession: prepare caches, run steps, save, resume, export. `run()` reads like a table of contents."""
 
+import copy
 import hashlib
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .adapters import AdapterNetwork, select_targets
 from .adapters.kohya import lora_metadata, tag_frequency
-from .checkpoints import TrainState, load_state, save_state
+from .checkpoints import TrainState, load_state, save_state, write_config
 from .config import TrainConfig
 from .data import Dataset
 from .data.feed import Example, TrainingFeed
 from .data.plan import DatasetPlan, epoch_batches, plan_dataset
+from .ema import EMA
 from .errors import ConfigError, DatasetError, TrainingDivergedError
 from .events import CheckpointSaved, Notice, StepDone
 from .host import Host, ModelBridge
-from .noise import add_noise, sample_timesteps, training_target
+from .losses import min_snr_weights, per_sample_mse, snr
+from .noise import add_noise, draw_noise, is_zero_terminal, rescale_zero_terminal_snr, training_target
+from .optim import build_optimizer, is_schedule_free, optimizer_name
+from .precision import Precision
+from .schedules import build_scheduler
+from .timesteps import sample_timesteps, timestep_weights
 
 log = logging.getLogger(__name__)
 EXPORT_DTYPE = torch.float16
@@ -46,8 +53,10 @@ class TrainSession:
     ):
         """`trainable`: what to train instead of the LoRA network the config describes (e.g. a
         trainer.finetune.FullFineTune); it has the network's interface: attach/detach, parameters,
-        kohya_state_dict/load_kohya_state_dict for resumable states."""
+        kohya_state_dict/load_kohya_state_dict for resumable states, and optionally param_groups(config)."""
         config.validate()
+        if found := config.model_problems(bridge.prediction_type, bridge.family.name):
+            raise ConfigError(found)
         if not len(dataset):
             raise DatasetError("The dataset is empty: give the trainer at least one image.")
         self.bridge, self.dataset, self.config, self.run_dir = bridge, dataset, config, run_dir
@@ -55,19 +64,18 @@ class TrainSession:
         if not self.plan.items:
             reasons = "; ".join(f"{Path(s.source).name}: {s.reason}" for s in self.plan.unassigned[:5])
             raise DatasetError(f"No image of the dataset fits a bucket ({reasons}).")
-        self.feed = TrainingFeed(bridge, self.plan, config.seed, cache_dir)
+        if hasattr(bridge, "set_clip_skip"):
+            bridge.set_clip_skip(config.clip_skip)
+        self.feed = TrainingFeed(bridge, self.plan, config.seed, cache_dir, caption_dropout_rate=config.caption_dropout_rate)
         self.network = trainable if trainable is not None else self._build_network()
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.learning_rate)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.step, self.order, self.position = 0, [], 0  # order: this epoch's batches (plan item indices)
+        self._build_training_state()
         self.losses: list[float] = []
-        # Called as hook(session, host) inside the training context, before the first step and after every
-        # step (trainer/monitor.py: validation loss, samples); they must not touch the training RNG.
-        self.step_hooks: list = []
         self.started_at = time.time()
         self._prepared = False
         self._last_checkpoint: Path | None = None
         self._step_start: tuple | None = None  # RNG and batch position before the running step
+        self._unread: list[torch.Tensor] = []  # step losses not yet read back to Python
+        self._good: TrainState | None = None  # the last state whose losses were all finite (loss_every > 1)
 
     # ----- setup -----
     def _build_network(self) -> AdapterNetwork:
@@ -81,6 +89,40 @@ class TrainSession:
         with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(self.config.seed)
             return AdapterNetwork(named, self.config.rank, self.config.alpha).to(self.bridge.device)
+
+    def _build_training_state(self) -> None:
+        """Optimizer, LR schedule, loss scaling, EMA, noise schedule and RNG: everything a checkpoint saves."""
+        config = self.config
+        with torch.inference_mode(False):
+            self.optimizer = build_optimizer(self._param_groups(), config, self.bridge.device)
+            self.scheduler = build_scheduler(self.optimizer, config)
+            self.precision = Precision(config.mixed_precision, self.bridge.device)
+            self.ema = EMA(self._trained_parameters(), config.ema_decay) if config.ema_decay else None
+        self.alphas = self._training_alphas()
+        self.timestep_weights = timestep_weights(config, len(self.alphas))
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step, self.order, self.position = 0, [], 0  # order: this epoch's batches (plan item indices)
+
+    def _param_groups(self) -> list[dict]:
+        """The trainable's groups (e.g. UNet and text encoders, each with its learning rate)."""
+        if hasattr(self.network, "param_groups"):
+            return self.network.param_groups(self.config)
+        return [{"params": list(self.network.parameters()), "lr": self.config.effective_unet_lr, "name": "unet"}]
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _training_alphas(self) -> torch.Tensor:
+        """The model's own noise schedule (ComfyUI's model_sampling, with any ModelSamplingDiscrete
+        override); rescaled to zero terminal SNR where asked and the model is not already."""
+        alphas = self.bridge.alphas_cumprod().detach().cpu().float()
+        if self.config.zero_terminal_snr and not is_zero_terminal(alphas):
+            alphas = rescale_zero_terminal_snr(alphas)
+        return alphas
+
+    @property
+    def prediction_type(self) -> str:
+        return self.bridge.prediction_type
 
     def prepare(self, host: Host) -> None:
         """Encode every fixed-crop image once (VAE, or the latent cache) and every caption that never
@@ -97,30 +139,46 @@ class TrainSession:
             f"captions; {len(self.plan.items)} images in {len(self.plan.bucket_counts())} buckets, "
             f"{self.steps_per_epoch} steps per epoch."
         ))
+        if self.config.zero_terminal_snr and not is_zero_terminal(self.bridge.alphas_cumprod().cpu()):
+            host.emit(Notice("zero_terminal_snr: trained on the rescaled schedule; sample the result through "
+                             "ModelSamplingDiscrete with zsnr on so sampling uses the same schedule."))
 
     @property
     def steps_per_epoch(self) -> int:
         return self.plan.batches_per_epoch(self.config.batch_size)
 
+    # ----- resume -----
     def resume(self, folder: Path) -> None:
         # Outside inference mode: loaded optimizer state is updated in place by every step.
         with torch.inference_mode(False):
             state = load_state(folder)
             self._check_resumable(folder, TrainConfig.from_dict(state.config))
-            self.network.load_kohya_state_dict(state.network)
+            self.network.load_kohya_state_dict(state.raw_network or state.network)
             self.optimizer.load_state_dict(state.optimizer)
+            if state.scheduler is not None:
+                self.scheduler.load_state_dict(state.scheduler)
+            self.precision.load_state_dict(state.scaler)
+            if self.ema and state.ema:
+                self.ema.load_state_dict(state.ema)
             self.generator.set_state(state.generator)
         self.step, self.order, self.position = state.step, state.order, state.position
+        if state.scheduler is None:
+            self.scheduler.last_epoch = self.step  # format-1 states: a constant LR, so only the count matters
         if state.dataset and state.dataset != self.plan_fingerprint():
             log.warning("TuneKit: the dataset changed since %s was saved: a new epoch starts.", folder)
             self.order, self.position = [], 0
         self._last_checkpoint = folder
 
+    # Settings a resumed run must share with the saved one: they shape the weights or the optimizer state.
+    RESUME_MUST_MATCH = ("rank", "alpha", "targets", "optimizer", "ema_decay", "mixed_precision")
+
     def _check_resumable(self, folder: Path, saved: TrainConfig) -> None:
-        if (saved.rank, saved.targets, saved.alpha) != (self.config.rank, self.config.targets, self.config.alpha):
+        differ = [name for name in self.RESUME_MUST_MATCH if getattr(saved, name) != getattr(self.config, name)]
+        if differ:
+            was = ", ".join(f"{name} {getattr(saved, name)!r}" for name in differ)
             raise ConfigError([
-                f"cannot resume {folder}: it was trained with rank {saved.rank}, alpha {saved.alpha}, targets "
-                f"'{saved.targets}'. Use those settings, or a new run name to start fresh."
+                f"cannot resume {folder}: it was trained with {was}. Use those settings, or a new run name to "
+                f"start fresh."
             ])
 
     # ----- training -----
@@ -129,123 +187,247 @@ class TrainSession:
             self.prepare(host)
         try:
             # Hosts may call us under inference mode (ComfyUI runs every node in it).
-            with torch.inference_mode(False), torch.enable_grad(), self.bridge.training(self.network.attach, self.network.detach):
-                self._call_step_hooks(host)
+            with torch.inference_mode(False), torch.enable_grad(), self._determinism(), self._training_model():
+                if self.config.loss_every > 1:
+                    self._good = self._state()
                 while self.step < self.config.steps:
                     if host.should_stop():
                         return self._stop_early(host)
                     self._train_step(host)
-                    self._call_step_hooks(host)
                     if self._save_due():
                         self._save(host, partial=True)
+        except TrainingDivergedError:
+            self._keep_progress(host, diverged=True)
+            raise
         except BaseException:
-            # Cancelled from inside the model (ComfyUI raises in its ops), out of memory, NaN...:
-            # keep every completed step.
+            # Cancelled from inside the model (ComfyUI raises in its ops), out of memory...: keep every completed step.
             self._keep_progress(host)
             raise
+        self._read_losses(newest=self.step)
         return TrainResult(self.step, False, self.losses, self._last_checkpoint)
 
-    def _call_step_hooks(self, host: Host) -> None:
-        for hook in self.step_hooks:
-            hook(self, host)
+    def _training_model(self):
+        kwargs = {"gradient_checkpointing": True} if self.config.gradient_checkpointing else {}
+        return self.bridge.training(self.network.attach, self.network.detach, **kwargs)
+
+    @contextmanager
+    def _determinism(self):
+        """torch's deterministic algorithms for the run only (global state, restored after)."""
+        if not self.config.deterministic:
+            yield
+            return
+        before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
     def _train_step(self, host: Host) -> None:
         began = time.perf_counter()
         self._step_start = (self.generator.get_state(), list(self.order), self.position)
-        with torch.no_grad():
-            batch = self._next_batch()
-        loss = self._loss(batch, self.generator)
-        if not math.isfinite(loss.item()):
-            raise TrainingDivergedError(
-                f"The loss became {loss.item()} at step {self.step + 1}: training diverged. The last good state "
-                f"is kept. Lower learning_rate (now {self.config.learning_rate}), e.g. by 10x."
-            )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        accumulation = self.config.gradient_accumulation_steps
+        step_loss = torch.zeros((), device=self.bridge.device)
+        for micro in range(accumulation):
+            with torch.no_grad():
+                batch = self._next_batch(self.step * accumulation + micro)
+            loss = self._loss(batch, self.generator)
+            self.precision.backward(loss / accumulation)
+            step_loss += loss.detach() / accumulation
+        self._unread.append(step_loss)
+        if self._loss_due():
+            self._read_losses(newest=self.step + 1)
+            if self.config.loss_every > 1:
+                self._good = self._state(rolled_back=True)
+        self._optimizer_step()
         self._step_start = None
         self.step += 1
-        self.losses.append(loss.item())
-        host.emit(StepDone(self.step, self.config.steps, loss.item(), self.config.learning_rate, time.perf_counter() - began))
+        latest = self.losses[-1] if self.losses else float("nan")
+        host.emit(StepDone(self.step, self.config.steps, latest, self.scheduler.get_last_lr()[0],
+                           time.perf_counter() - began))
+
+    def _optimizer_step(self) -> None:
+        if self.config.max_grad_norm:
+            self.precision.unscale(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self._trained_parameters(), self.config.max_grad_norm)
+        self.precision.step(self.optimizer)
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update()
+
+    def _loss_due(self) -> bool:
+        """Read the loss back (a device sync) every loss_every steps and at the last step."""
+        done = self.step + 1
+        return done % self.config.loss_every == 0 or done == self.config.steps
+
+    def _read_losses(self, newest: int) -> None:
+        """One host sync for the steps since the last read (`newest`: the 1-based number of the last of
+        them); a non-finite loss stops the run before the running step's update."""
+        if not self._unread:
+            return
+        values = torch.stack(self._unread).tolist()
+        first_step = newest + 1 - len(values)
+        self._unread = []
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TrainingDivergedError(self._divergence_message(value, first_step + offset))
+        self.losses.extend(values)
+
+    def _divergence_message(self, value: float, step: int) -> str:
+        config = self.config
+        advice = f"Lower learning_rate (now {config.effective_unet_lr}), e.g. by 10x"
+        if config.mixed_precision == "fp16":
+            advice += ", or use mixed_precision 'bf16' or 'fp32' (fp16 overflows more easily)"
+        if not config.max_grad_norm:
+            advice += ", or set max_grad_norm to 1.0"
+        return (f"The loss became {value} at step {step}: training diverged. The last good state is kept. "
+                f"{advice}.")
 
     def _loss(self, batch: list[Example], generator: torch.Generator) -> torch.Tensor:
         device = self.bridge.device
         latents = torch.stack([example.latent for example in batch])
-        noise = torch.randn(latents.shape, generator=generator)
-        alphas = self.bridge.alphas_cumprod().cpu()
-        timesteps = sample_timesteps(len(batch), len(alphas), generator)
-        noisy = add_noise(latents, noise, alphas, timesteps)
-        target = training_target(self.bridge.prediction_type, latents, noise, alphas, timesteps)
-        prediction = self.bridge.predict(
-            noisy.to(device), timesteps.to(device), [e.prompt for e in batch], [e.size for e in batch]
-        )
-        return weighted_mse(prediction.float(), target.to(device).float(), batch)
+        noise = draw_noise(latents, generator, self.config.noise_offset)
+        timesteps = sample_timesteps(len(batch), len(self.alphas), generator, self.timestep_weights)
+        noisy = add_noise(latents, noise, self.alphas, timesteps)
+        target = training_target(self.prediction_type, latents, noise, self.alphas, timesteps)
+        with self.precision.autocast():
+            prediction = self.bridge.predict(
+                noisy.to(device), timesteps.to(device), [e.prompt for e in batch], [e.size for e in batch]
+            )
+        losses = per_sample_mse(prediction, target.to(device), _masks(batch, prediction.shape[-2:]))
+        return (losses * self._loss_weights(batch, timesteps).to(device)).mean()
+
+    def _loss_weights(self, batch: list[Example], timesteps: torch.Tensor) -> torch.Tensor:
+        """Each image's weight (prior_loss_weight), times its Min-SNR-gamma weight where that is on."""
+        weights = torch.tensor([example.weight for example in batch], dtype=torch.float32)
+        if self.config.min_snr_gamma:
+            weights = weights * min_snr_weights(snr(self.alphas, timesteps), self.config.min_snr_gamma, self.prediction_type)
+        return weights
 
     def evaluate(self, seed: int = 1234, draws: int = 4) -> float:
-        """Mean loss over every image at fixed noise and timesteps: comparable between steps and runs."""
+        """Mean loss over every image at fixed noise and timesteps: comparable between steps and runs
+        (with the weights that would be saved: EMA or schedule-free averages)."""
         if not self._prepared:
             raise RuntimeError("call prepare() before evaluate()")
         generator = torch.Generator().manual_seed(seed)
         losses = []
         with torch.inference_mode(False), torch.no_grad():
             examples = self.feed.fixed_examples()
-        with torch.inference_mode(False), torch.no_grad(), self.bridge.training(self.network.attach, self.network.detach):
+        with torch.inference_mode(False), torch.no_grad(), self._weights_to_save(), self._training_model():
             for _ in range(draws):
                 for example in examples:
-                    losses.append(self._loss([example], generator).item())
+                    losses.append(self._plain_loss(example, generator))
         return sum(losses) / len(losses)
 
-    def _next_batch(self) -> list[Example]:
+    def _plain_loss(self, example: Example, generator: torch.Generator) -> float:
+        """Unweighted epsilon/v MSE at uniform timesteps (no Min-SNR, bias or offset): comparable across options."""
+        latents = example.latent[None]
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = sample_timesteps(1, len(self.alphas), generator)
+        noisy = add_noise(latents, noise, self.alphas, timesteps)
+        target = training_target(self.prediction_type, latents, noise, self.alphas, timesteps)
+        device = self.bridge.device
+        prediction = self.bridge.predict(noisy.to(device), timesteps.to(device), [example.prompt], [example.size])
+        return per_sample_mse(prediction, target.to(device)).item()
+
+    def _next_batch(self, batch_number: int) -> list[Example]:
         """The next batch of one bucket. Batches are drawn once per epoch; the order and position are
-        saved, and every random choice inside a step is seeded by the step, so resume is exact."""
+        saved, and every random choice inside a batch is seeded by its number, so resume is exact."""
         if self.position >= len(self.order):
             self.order = epoch_batches(self.plan, self.config.batch_size, self.generator)
             self.position = 0
         indices = self.order[self.position]
         self.position += 1
-        epoch = self.step // self.steps_per_epoch + 1
-        return self.feed.batch(indices, self.step, epoch, self.config.steps)
+        epoch = batch_number // self.steps_per_epoch + 1
+        total = self.config.steps * self.config.gradient_accumulation_steps
+        return self.feed.batch(indices, batch_number, epoch, total)
 
     def plan_fingerprint(self) -> str:
         """Identifies the planned items (content, bucket, repeats): a saved order is only valid for them."""
         parts = [(i.image.digest or i.image.source, i.assignment.bucket, i.repeats) for i in self.plan.items]
         return hashlib.sha256(repr(parts).encode()).hexdigest()
 
+    # ----- the weights to save -----
+    @contextmanager
+    def _weights_to_save(self):
+        """Inside: the trainable holds what is saved and sampled (EMA averages when save_ema, schedule-free's
+        averaged point); after: exactly the raw training weights again (copied back, never recomputed)."""
+        if self.ema and self.config.save_ema:
+            raw = self.ema.swapped_in()
+            try:
+                yield
+            finally:
+                self.ema.restore(raw)
+        elif is_schedule_free(self.optimizer):
+            parameters = self._trained_parameters()
+            raw = [p.detach().clone() for p in parameters]
+            self.optimizer.eval()
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_([p.data for p in parameters], raw)
+                for group in self.optimizer.param_groups:
+                    group["train_mode"] = True
+        else:
+            yield
+
+    def _saved_differs_from_raw(self) -> bool:
+        return bool(self.ema and self.config.save_ema) or is_schedule_free(self.optimizer)
+
     # ----- saving -----
     def _save_due(self) -> bool:
         every = self.config.save_every
         return bool(every) and self.step % every == 0 and self.step < self.config.steps
 
-    def _save(self, host: Host, partial: bool) -> Path | None:
+    def _state(self, rolled_back: bool = False) -> TrainState:
+        """A snapshot of everything a resume needs (copies, so later steps do not change it). `rolled_back`:
+        taken inside a step before its update: the state as the step began."""
+        generator, order, position = self._step_start if rolled_back else (self.generator.get_state(), self.order, self.position)
+        with torch.inference_mode(False), self._weights_to_save():
+            artefact = self.network.kohya_state_dict(torch.float32)
+        with torch.inference_mode(False):
+            return TrainState(
+                step=self.step,
+                network=artefact,
+                optimizer=copy.deepcopy(self.optimizer.state_dict()),
+                generator=generator.clone(),
+                order=list(order),
+                position=position,
+                config=self.config.to_dict(),
+                dataset=self.plan_fingerprint(),
+                raw_network=self.network.kohya_state_dict(torch.float32) if self._saved_differs_from_raw() else None,
+                scheduler=copy.deepcopy(self.scheduler.state_dict()),
+                scaler=copy.deepcopy(self.precision.state_dict()),
+                ema=copy.deepcopy(self.ema.state_dict()) if self.ema else None,
+                config_toml=self.config.to_toml(),
+            )
+
+    def _save(self, host: Host, partial: bool, state: TrainState | None = None) -> Path | None:
         if self.run_dir is None:
             return None
-        state = TrainState(
-            step=self.step,
-            network=self.network.kohya_state_dict(torch.float32),
-            optimizer=self.optimizer.state_dict(),
-            generator=self.generator.get_state(),
-            order=self.order,
-            position=self.position,
-            config=self.config.to_dict(),
-            dataset=self.plan_fingerprint(),
-        )
+        state = state or self._state()
         self._last_checkpoint = save_state(self.run_dir, state)
-        host.emit(CheckpointSaved(self._last_checkpoint, self.step, partial))
+        write_config(self.run_dir, state.config_toml)
+        host.emit(CheckpointSaved(self._last_checkpoint, state.step, partial))
         return self._last_checkpoint
 
     def _stop_early(self, host: Host) -> TrainResult:
+        self._read_losses(newest=self.step)
         folder = self._save(host, partial=True)
         host.emit(Notice(f"Training stopped at step {self.step}/{self.config.steps}; resumable state: {folder}"))
         return TrainResult(self.step, True, self.losses, folder)
 
-    def _keep_progress(self, host: Host) -> None:
-        """Roll back a half-done step (its random draws), then save the last completed one."""
+    def _keep_progress(self, host: Host, diverged: bool = False) -> None:
+        """Save the last good state: the last completed step (a half-done one rolled back); after a
+        non-finite loss read late (loss_every > 1), the snapshot at the last finite read."""
         if self._step_start is not None:
             generator_state, self.order, self.position = self._step_start
             self.generator.set_state(generator_state)
             self._step_start = None
         try:
-            folder = self._save(host, partial=True)
+            folder = self._save(host, partial=True, state=self._good if diverged else None)
         except Exception:
             log.exception("TuneKit could not save the training state at step %d", self.step)
             return
@@ -261,7 +443,7 @@ class TrainSession:
 
     # ----- export -----
     def export(self, output_name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The LoRA as kohya tensors (fp16) and its `ss_*` metadata."""
+        """The LoRA as kohya tensors (fp16; the EMA weights when save_ema) and its `ss_*` metadata."""
         captions = [image.caption for image in self.dataset.images]
         metadata = lora_metadata(
             self.bridge.family,
@@ -272,17 +454,15 @@ class TrainSession:
             tag_frequency=tag_frequency(captions),
             started_at=self.started_at,
             prediction_type=self.bridge.prediction_type,
+            optimizer=optimizer_name(self.optimizer),
+            zero_terminal_snr=is_zero_terminal(self.alphas),
         )
-        return self.network.kohya_state_dict(EXPORT_DTYPE), metadata
+        with torch.inference_mode(False), self._weights_to_save():
+            tensors = self.network.kohya_state_dict(EXPORT_DTYPE)
+        return tensors, metadata
 
 
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, batch: list[Example]) -> torch.Tensor:
-    """MSE; with masks or loss weights, kohya's form: mean over each image of (error * mask), times the
-    image's weight (prior_loss_weight), mean over the batch."""
-    if all(example.mask is None and example.weight == 1.0 for example in batch):
-        return F.mse_loss(prediction, target)
-    errors = (prediction - target) ** 2
-    masks = [example.mask if example.mask is not None else torch.ones(1, *errors.shape[-2:]) for example in batch]
-    errors = errors * torch.stack(masks).to(errors.device, errors.dtype)
-    weights = torch.tensor([example.weight for example in batch], device=errors.device, dtype=errors.dtype)
-    return (errors.mean(dim=(1, 2, 3)) * weights).mean()
+def _masks(batch: list[Example], latent_size) -> torch.Tensor | None:
+    if all(example.mask is None for example in batch):
+        return None
+    return torch.stack([example.mask if example.mask is not None else torch.ones(1, *latent_size) for example in batch])

@@ -11,6 +11,7 @@ from torch import nn
 
 from tunekit.trainer.families import SD1
 from tunekit.trainer.frozen import FrozenBase
+from tunekit.trainer.grad_checkpoint import checkpointed
 from tunekit.trainer.host import PromptEmbedding
 
 CONTEXT_DIM = 8
@@ -112,6 +113,8 @@ class FakeBridge:
             self.text_table = torch.randn(64, CONTEXT_DIM)
         self.encoded_images = 0
         self.vae_name = "fake-vae-avgpool8"  # change it to stand for another VAE
+        self.clip_skip = 1
+        self.checkpointed_forwards = 0  # block forwards run under gradient checkpointing
 
     def alphas_cumprod(self):
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
@@ -132,8 +135,14 @@ class FakeBridge:
     def vae_identity(self):
         return self.vae_name
 
+    def set_clip_skip(self, layers: int):
+        self.clip_skip = layers
+
     def encode_prompts(self, captions):
-        return [PromptEmbedding(self.text_table[[sum(map(ord, word)) % 64 for word in c.split()] or [0]]) for c in captions]
+        # An earlier "layer" (clip skip) reads other rows of the table: other embeddings for the same words.
+        shift = self.clip_skip - 1
+        return [PromptEmbedding(self.text_table[[(sum(map(ord, word)) + shift) % 64 for word in c.split()] or [0]])
+                for c in captions]
 
     def predict(self, noisy, timesteps, prompts, sizes):
         tokens = max(p.context.shape[0] for p in prompts)
@@ -141,12 +150,21 @@ class FakeBridge:
         return self.denoiser(noisy, timesteps, context)
 
     @contextmanager
-    def training(self, attach, detach):
+    def training(self, attach, detach, gradient_checkpointing: bool = False):
         frozen = FrozenBase()
         frozen.apply(self.denoiser)
         attach()
+        blocks = [m for m in self.denoiser.modules() if isinstance(m, SpatialTransformer)] if gradient_checkpointing else []
+        for block in blocks:
+            block.register_forward_pre_hook(self._count_checkpointed)
         try:
-            yield
+            with checkpointed(blocks):
+                yield
         finally:
+            for block in blocks:
+                block._forward_pre_hooks.clear()
             detach()
             frozen.restore()
+
+    def _count_checkpointed(self, module, args):
+        self.checkpointed_forwards += 1

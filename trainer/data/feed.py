@@ -11,7 +11,7 @@ weights, encoding through the host's models as little as possible.
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..host import ModelBridge, PromptEmbedding, SizeInfo
-from .captions import process_caption
+from .captions import CaptionOptions, process_caption
 from .dataset import TrainImage
 from .images import content_digest
 from .latent_cache import LatentCache, latent_key
@@ -50,8 +50,10 @@ class _Pending:
 
 
 class TrainingFeed:
-    def __init__(self, bridge: ModelBridge, plan: DatasetPlan, seed: int, cache_dir: Path | None = None):
+    def __init__(self, bridge: ModelBridge, plan: DatasetPlan, seed: int, cache_dir: Path | None = None,
+                 caption_dropout_rate: float = 0.0):
         self.bridge, self.plan, self.seed = bridge, plan, seed
+        self.caption_dropout_rate = caption_dropout_rate  # run-wide; a subset's own rate wins where set
         self.cache = LatentCache(cache_dir)
         self.vae_identity = bridge.vae_identity()
         self.prompts: dict[str, PromptEmbedding] = {}
@@ -72,7 +74,7 @@ class TrainingFeed:
                 if self.cache.get(key) is None:
                     pending.append(_Pending(item, crop, key))
         self._encode(pending)
-        fixed = sorted({self._fixed_caption(item) for item in self.plan.items if not item.subset.captions.varies})
+        fixed = sorted({self._fixed_caption(item) for item in self.plan.items if not self._caption_options(item).varies})
         self._encode_prompts(fixed)
 
     def _key(self, item: PlannedImage, crop: Crop) -> str:
@@ -133,9 +135,17 @@ class TrainingFeed:
         return centre_crop(item.assignment, flip)
 
     def _caption(self, item: PlannedImage, rng: random.Random, epoch: int, step: int, max_steps: int) -> str:
-        if not item.subset.captions.varies:
+        options = self._caption_options(item)
+        if not options.varies:
             return self._fixed_caption(item)
-        return process_caption(item.image.caption, item.subset.captions, rng, epoch, step, max_steps)
+        return process_caption(item.image.caption, options, rng, epoch, step, max_steps)
+
+    def _caption_options(self, item: PlannedImage) -> CaptionOptions:
+        """The subset's caption options, with the run-wide caption dropout where the subset sets none."""
+        options = item.subset.captions
+        if self.caption_dropout_rate and not options.dropout_rate:
+            return replace(options, dropout_rate=self.caption_dropout_rate)
+        return options
 
     def _latents(self, items: list[PlannedImage], crops: list[Crop]) -> list[torch.Tensor]:
         latents, pending, slots = [], [], []
