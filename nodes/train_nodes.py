@@ -104,17 +104,17 @@ def _log_cancelled(session: TrainSession, run_name: str) -> None:
                 "'%s'. Resumable state: %s", session.step, run_name, session.last_checkpoint)
 
 
-def _start_session(bridge, dataset, config, run_name, resume, node_id):
+def _start_session(bridge, dataset, config, run_name, resume, node_id, trainable=None):
     base_dir = run_directory(run_name)
     previous = _latest_run_state(base_dir)
     if resume and previous:
-        session = TrainSession(bridge, dataset, config, previous.parent, latent_cache_directory())
+        session = TrainSession(bridge, dataset, config, previous.parent, latent_cache_directory(), trainable)
         session.resume(previous)
         log.info("TuneKit resumes run '%s' at step %d from %s", run_name, session.step, previous)
     else:
         if resume:
             log.info("TuneKit: no saved state for run '%s' yet; starting fresh.", run_name)
-        session = TrainSession(bridge, dataset, config, unused_path(base_dir), latent_cache_directory())
+        session = TrainSession(bridge, dataset, config, unused_path(base_dir), latent_cache_directory(), trainable)
     return session, ComfyHost(node_id, config.steps)
 
 
