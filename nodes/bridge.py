@@ -67,6 +67,7 @@ class ComfyModelBridge:
         self.device = model.load_device
         base = model.model
         self._dtype = base.manual_cast_dtype or base.get_dtype()
+        self._training_model = None  # the loaded MODEL clone that trains, inside training()
 
     @property
     def _base(self):
@@ -127,6 +128,11 @@ class ComfyModelBridge:
             width=width, height=height, crop_w=left, crop_h=top, target_width=target_w, target_height=target_h,
         )
 
+    def sampling_models(self):
+        """(MODEL, CLIP) as trained so far: inside training() the loaded training clone, whose adapters
+        run as side branches (ComfyUI's samplers use them as they are), else the graph's own."""
+        return self._training_model or self.patcher, self.clip
+
     @contextmanager
     def training(self, attach, detach):
         frozen = FrozenBase()
@@ -142,7 +148,9 @@ class ComfyModelBridge:
         clone = self.patcher.clone()
         clone.set_injections(INJECTION_KEY, [PatcherInjection(inject=inject, eject=eject)])
         comfy.model_management.load_models_gpu([clone], force_full_load=True)
+        self._training_model = clone
         try:
             yield
         finally:
+            self._training_model = None
             clone.eject_model()

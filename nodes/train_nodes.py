@@ -18,6 +18,7 @@ from .bridge import ComfyModelBridge
 from .dataset_nodes import DatasetType
 from .host import ComfyHost
 from .lora_type import KohyaLoRA
+from .monitor_nodes import MonitorType, build_monitor, split_for
 from .paths import checked_name, latent_cache_directory, loras_directory, run_directory
 
 log = logging.getLogger("tunekit")
@@ -67,6 +68,9 @@ class TrainLoRA(io.ComfyNode):
                              tooltip="Save a resumable state every N steps (0: only at the end and on Cancel)."),
                 io.Boolean.Input("resume", default=False,
                                  tooltip="Continue the latest saved state of this run_name (after a Cancel, or to train longer)."),
+                MonitorType.Input("monitor", optional=True,
+                                  tooltip="From Sample & Validate Settings: samples and validation loss every N steps, "
+                                          "shown on this node and saved in the run folder."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The input model with the trained LoRA applied."),
@@ -79,10 +83,14 @@ class TrainLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, run_name, steps, learning_rate, rank, alpha, batch_size,
-                resolution, targets, seed, save_every, resume):
+                resolution, targets, seed, save_every, resume, monitor=None):
         config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, batch_size=batch_size,
                             resolution=resolution, seed=seed, targets=targets, save_every=save_every)
+        dataset, held_out = split_for(monitor, dataset)
         session, host = _start_session(ComfyModelBridge(model, clip, vae), dataset, config, run_name, resume, cls.hidden.unique_id)
+        watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
+        if watcher:
+            session.step_hooks.append(watcher)
         try:
             result = session.run(host)
         except comfy.model_management.InterruptProcessingException:
@@ -94,7 +102,7 @@ class TrainLoRA(io.ComfyNode):
         session.save_final(host)
         lora = KohyaLoRA(*session.export(run_name))
         trained_model, trained_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-        report = _report(session, result.losses)
+        report = _report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "")
         log.info("TuneKit: %s", report)
         return io.NodeOutput(trained_model, trained_clip, lora, report, ui=ui.PreviewText(report))
 

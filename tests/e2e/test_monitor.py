@@ -1,0 +1,104 @@
+"""Sample & Validate in a real ComfyUI: samples through ComfyUI's sampling and the validation loss every N
+steps, saved in the run folder and sent to the browser, without changing what trains."""
+
+import asyncio
+import csv
+import json
+import threading
+import time
+import uuid
+
+import aiohttp
+import numpy as np
+import safetensors.torch
+from PIL import Image
+
+from .test_train_lora import sd15, solid_folder, train_graph  # noqa: F401  (sd15: session fixture)
+
+PROMPTS = "tkred\na photo of tkred"
+
+
+def monitor_node(validation=None, every=3, **overrides):
+    inputs = {"every": every, "prompts": PROMPTS, "negative_prompt": "", "seed": 5, "steps": 4, "cfg": 1.0,
+              "sampler_name": "euler", "scheduler": "normal", "width": 64, "height": 64,
+              "validation_count": 0, "validation_seed": 0, **overrides}
+    if validation:
+        inputs["validation"] = validation
+    return {"class_type": "TuneKitSampleAndValidate", "inputs": inputs}
+
+
+class EventListener:
+    """The server's websocket messages of one client id, as the browser receives them."""
+
+    def __init__(self, url: str):
+        self.client_id, self.events, self._url = uuid.uuid4().hex, [], url.replace("http", "ws", 1)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._listen(),), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30), "the websocket did not connect"
+
+    async def _listen(self):
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{self._url}/ws?clientId={self.client_id}") as ws:
+            self._ready.set()
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    self.events.append(json.loads(message.data))
+
+    def of(self, kind: str) -> list[dict]:
+        return [event["data"] for event in self.events if event.get("type") == kind]
+
+
+def final_weights(run_dir):
+    state = max(run_dir.glob("step_*"))
+    return safetensors.torch.load_file(str(state / "lora.safetensors"))
+
+
+def test_samples_and_validation_every_n_steps_leave_the_weights_unchanged(comfy, sd15):
+    train_folder = solid_folder(comfy.input_dir, "e2e_monitor_train").name
+    validation_folder = solid_folder(comfy.input_dir, "e2e_monitor_validation", count=2).name
+    listener = EventListener(comfy.url)
+
+    graph = train_graph(sd15, train_folder, "e2e_monitor", steps=6, learning_rate=5e-3, lora_file="e2e_monitor")
+    graph["validation"] = {"class_type": "TuneKitDatasetFromFolder", "inputs": {
+        "folder": validation_folder, "trigger_word": "tkred", "caption_extension": ".txt", "missing_captions": "error"}}
+    graph["monitor"] = monitor_node(["validation", 0])
+    graph["train"]["inputs"]["monitor"] = ["monitor", 0]
+    began = time.monotonic()
+    entry = comfy.wait(comfy.queue(graph, listener.client_id), timeout=600)
+    monitored_seconds = time.monotonic() - began
+    assert entry["status"].get("completed"), entry["status"]
+    run_dir = comfy.output_dir / "tunekit" / "e2e_monitor"
+
+    # Samples: both prompts at steps 0, 3 and 6, saved and announced; they move as the LoRA trains.
+    samples = sorted((run_dir / "samples").glob("*.png"))
+    assert [p.name for p in samples] == [f"step_{s:06d}_{i:02d}.png" for s in (0, 3, 6) for i in (0, 1)]
+    first, last = (np.asarray(Image.open(run_dir / "samples" / f"step_{s:06d}_00.png"), dtype=np.float32) for s in (0, 6))
+    change = np.abs(last - first).mean()
+    print(f"\nmean |sample step 6 - sample step 0| = {change:.2f} (of 255)")
+    assert first.shape == (64, 64, 3) and change > 0.5
+    sent = listener.of("tunekit.sample")
+    assert [event["step"] for event in sent] == [0, 3, 6]
+    assert sent[-1]["images"][0] == {"filename": "step_000006_00.png", "subfolder": "tunekit/e2e_monitor/samples",
+                                      "type": "output"}
+
+    # Validation: logged, announced and in the report.
+    with (run_dir / "validation.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    curve = [(int(row["step"]), float(row["validation_loss"])) for row in rows]
+    print("validation loss by step:", [(step, round(loss, 4)) for step, loss in curve])
+    assert [step for step, _ in curve] == [0, 3, 6]
+    assert curve[-1][1] < curve[0][1], "held-out images like the training ones should get easier"
+    assert [(e["step"], e["loss"]) for e in listener.of("tunekit.validation")] == curve
+    report = entry["outputs"]["train"]["text"][0]
+    assert "validation loss (2 held-out images, fixed noise)" in report and "6 samples at steps 0, 3, 6" in report
+    print(report)
+
+    # The same run without the monitor trains bit-identical weights.
+    began = time.monotonic()
+    comfy.run(train_graph(sd15, train_folder, "e2e_monitor_plain", steps=6, learning_rate=5e-3, lora_file="e2e_plain"),
+              timeout=600)
+    plain_seconds = time.monotonic() - began
+    print(f"workflow with monitor {monitored_seconds:.1f} s, without {plain_seconds:.1f} s")
+    monitored, plain = final_weights(run_dir), final_weights(comfy.output_dir / "tunekit" / "e2e_monitor_plain")
+    assert monitored.keys() == plain.keys()
+    assert all(np.array_equal(monitored[k].numpy(), plain[k].numpy()) for k in plain), "sampling changed the training"
