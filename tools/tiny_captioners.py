@@ -4,11 +4,11 @@
 * ``make_wd14(folder)``: a WD14-style ONNX tagger (``model.onnx``: input [batch, 64, 64, 3] BGR 0..255, output
   sigmoid scores) and its ``selected_tags.csv``. Its scores follow the mean colour, so a red image gets the tag
   "red", a blue one "blue" (and a kaomoji, a character and rating tags to test thresholds and names).
-* ``make_image_to_text(folder, kind)``: a transformers ``blip`` / ``git`` / ``blip-2`` model from a tiny config,
-  a word-level tokenizer (tokenizer.json) and the ``preprocessor_config.json`` its HF processor would save.
+* ``make_image_to_text(folder, kind)``: a transformers ``blip`` / ``git`` / ``blip-2`` / ``florence2`` model from a
+  tiny config, a word-level tokenizer (tokenizer.json) and the ``preprocessor_config.json`` its HF processor would save.
   Its generation config suppresses the special tokens, so a caption always holds ``max_new_tokens`` words.
 
-CLI: ``python tools/tiny_captioners.py {wd14,blip,git,blip-2} FOLDER``
+CLI: ``python tools/tiny_captioners.py {wd14,blip,git,blip-2,florence2} FOLDER``
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def make_tokenizer():
     backend = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                        bos_token="[BOS]", eos_token="[EOS]")
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+                                        bos_token="[BOS]", eos_token="[EOS]",
+                                        extra_special_tokens={"image_token": "<image>"})
     return tokenizer
 
 
@@ -114,7 +114,16 @@ def tiny_model(kind: str):
             vision_config=_vision(), qformer_config=_layers(encoder_hidden_size=32, vocab_size=len(VOCAB)),
             text_config={"model_type": "opt", **text}, num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE)
         return transformers.Blip2ForConditionalGeneration(config)
-    raise ValueError(f"unknown kind {kind!r}: use blip, git or blip-2")
+    if kind == "florence2":
+        vision = dict(model_type="florence_vision", depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2],
+                      patch_padding=[3, 1], patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 2],
+                      num_groups=[2, 2], window_size=2, projection_dim=32, drop_path_rate=0.0)
+        text = dict(model_type="bart", vocab_size=len(VOCAB), d_model=32, encoder_layers=1, decoder_layers=1,
+                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                    max_position_embeddings=128, decoder_start_token_id=EOS, forced_eos_token_id=None, **_ids())
+        config = transformers.Florence2Config(vision_config=vision, text_config=text, image_token_id=IMAGE)
+        return transformers.Florence2ForConditionalGeneration(config)
+    raise ValueError(f"unknown kind {kind!r}: use blip, git, blip-2 or florence2")
 
 
 # What each model's HF image processor saves: BLIP resizes to a square, GIT (CLIP's processor) resizes the
@@ -131,6 +140,11 @@ PREPROCESSORS = {
             "do_convert_rgb": True},
 }
 PREPROCESSORS["blip-2"] = PREPROCESSORS["blip"]
+# Florence-2: a square resize, ImageNet statistics, and how many image features the vision tower makes (17 at 32 px).
+PREPROCESSORS["florence2"] = {**PREPROCESSORS["blip"], "image_processor_type": "CLIPImageProcessor",
+                              "do_center_crop": False, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                              "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+                              "image_seq_length": 17}
 
 
 def make_image_to_text(folder: Path, kind: str, seed: int = 0) -> Path:
@@ -148,7 +162,7 @@ def make_image_to_text(folder: Path, kind: str, seed: int = 0) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["wd14", "blip", "git", "blip-2"])
+    parser.add_argument("kind", choices=["wd14", "blip", "git", "blip-2", "florence2"])
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
     print(make_wd14(args.folder) if args.kind == "wd14" else make_image_to_text(args.folder, args.kind))

@@ -93,7 +93,7 @@ def test_unknown_folders_name_what_was_found_and_what_is_supported(tmp_path):
     with pytest.raises(CaptionerError, match=r"'mystery' is not a kind.*weights\.bin.*Supported: a WD14 tagger"):
         detect_captioner(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    with pytest.raises(CaptionerError, match="model_type 'llava'.*blip, blip-2, git"):
+    with pytest.raises(CaptionerError, match="model_type 'llava'.*blip, blip-2, git, florence2"):
         detect_captioner(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "florence2", "auto_map": {"AutoModel": "x.Y"}}))
     with pytest.raises(CaptionerError, match="code shipped inside the model folder.*trust_remote_code"):
@@ -134,7 +134,7 @@ for index in range(3):
     Image.fromarray(np.random.default_rng(index).integers(0, 255, (40 + 8 * index, 56, 3), np.uint8)).save(data / f"{index}.png")
 dataset = scan_image_folder(data, ".txt", "", "use trigger word")
 images = [image.load() for image in dataset.images]
-for kind in ("blip", "git", "blip-2"):
+for kind in ("blip", "git", "blip-2", "florence2"):
     folder = tiny_captioners.make_image_to_text(root / f"tiny-{kind}", kind)
     found = detect_captioner(folder)
     settings = AutoCaptionSettings(mode="overwrite", max_length=4, batch_size=2, prefix="sks")
@@ -143,12 +143,18 @@ for kind in ("blip", "git", "blip-2"):
     one_by_one = [captioner.caption([image])[0] for image in images]
     # The HF pipeline the folder was made for: its own image processor (PIL), generate, decode.
     processor = transformers.AutoImageProcessor.from_pretrained(folder, use_fast=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     reference = processor(images=images, return_tensors="np")["pixel_values"]
+    inputs = {"pixel_values": torch.from_numpy(reference)}
+    if kind == "florence2":  # the task prompt as Florence2Processor builds it
+        florence = transformers.Florence2Processor(image_processor=processor, tokenizer=tokenizer)
+        inputs = dict(florence(text=["<DETAILED_CAPTION>"] * len(images), images=images, return_tensors="pt"))
+        results["florence_prompt_equal"] = inputs["input_ids"][0].tolist() == captioner.prompt
     model = type(captioner.model).from_pretrained(folder).eval()
-    tokens = model.generate(pixel_values=torch.from_numpy(reference), generation_config=captioner.generation)
+    tokens = model.generate(**inputs, generation_config=captioner.generation)
     results[kind] = dict(
         kind=found.kind, captions=[i.caption for i in captioned.images], one_by_one=one_by_one,
-        hf=[" ".join(t.split()) for t in transformers.AutoTokenizer.from_pretrained(folder).batch_decode(tokens, skip_special_tokens=True)],
+        hf=[" ".join(t.split()) for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)],
         pixel_error=float(np.abs(PixelPreprocess.from_folder(folder)(images) - reference).max()),
         changed=len(report.changes), summary=report.summary())
 print(json.dumps(results))
@@ -158,6 +164,7 @@ print(json.dumps(results))
 def test_transformers_captioners_load_from_a_folder_batch_and_match_their_hf_pipeline(tmp_path):
     out = run_python(IMAGE_TO_TEXT, str(TOOLS), str(TOOLS.parent), str(tmp_path))
     results = json.loads(out.splitlines()[-1])
+    assert results.pop("florence_prompt_equal") is True  # the task prompt token for token as Florence2Processor
     words = set(tiny_captioners.WORDS)
     for kind, result in results.items():
         assert result["kind"] == kind

@@ -3,8 +3,9 @@
 Two kinds of folder are supported:
 - a booru-style WD14 tagger: `model.onnx` (NHWC input, sigmoid scores) + `selected_tags.csv` (tag_id, name,
   category, count; category 9 rating, 4 character, 0 general), run with onnxruntime (an optional package);
-- a transformers image-to-text model of a native class (BLIP, BLIP-2, GIT): `config.json`, weights, tokenizer
-  files and `preprocessor_config.json`. Code shipped inside a model folder (`trust_remote_code`) is never run.
+- a transformers image-to-text model of a native class (BLIP, BLIP-2, GIT, Florence-2 as converted for
+  transformers' own Florence2 class): `config.json`, weights, tokenizer files and `preprocessor_config.json`.
+  Code shipped inside a model folder (`auto_map`, `trust_remote_code`) is never run.
 
 Images are preprocessed here with PIL and numpy (as the models' own processors do) rather than through
 transformers' image processors, which need torchvision. The host hands the device, dtype and a per-batch
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 # model_type in config.json -> the native transformers class that generates its captions.
 IMAGE_TO_TEXT_CLASSES = {"blip": "BlipForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration",
-                         "git": "GitForCausalLM"}
+                         "git": "GitForCausalLM", "florence2": "Florence2ForConditionalGeneration"}
+# Florence-2's task: its processor turns "<DETAILED_CAPTION>" into this prompt.
+FLORENCE_PROMPT = "Describe in detail what is shown in the image."
 WD14_FILES = ("model.onnx", "selected_tags.csv")
 CAPTION_MODES = ("only missing", "overwrite", "append")
 DEFAULT_NEW_TOKENS = 40
@@ -42,7 +45,7 @@ RATING, GENERAL, CHARACTER = 9, 0, 4
 KAOMOJI = {"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o", "@_@",
            "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"}
 SUPPORTED_TEXT = ("a WD14 tagger (model.onnx + selected_tags.csv), or a transformers image-to-text model folder "
-                  f"(config.json with model_type {', '.join(IMAGE_TO_TEXT_CLASSES)}, its weights, tokenizer and "
+                  f"(config.json with model_type {', '.join(IMAGE_TO_TEXT_CLASSES)} and no 'auto_map', its weights, tokenizer and "
                   "preprocessor_config.json)")
 
 
@@ -64,11 +67,12 @@ def detect_captioner(folder: Path) -> CaptionerFolder:
         return CaptionerFolder(folder, "wd14")
     config = _read_config(folder)
     model_type = config.get("model_type")
-    if config.get("auto_map") and model_type not in IMAGE_TO_TEXT_CLASSES:
+    if config.get("auto_map"):
         raise CaptionerError(
             f"Captioner '{folder.name}' (model_type {model_type!r}) needs Python code shipped inside the model "
             "folder (config.json 'auto_map', trust_remote_code), which TuneKit does not run. Use a folder converted "
-            f"to a native transformers class, or another captioner. Supported: {SUPPORTED_TEXT}.")
+            "to a native transformers class (for Florence-2: the florence-community conversions), or another "
+            f"captioner. Supported: {SUPPORTED_TEXT}.")
     if model_type in IMAGE_TO_TEXT_CLASSES:
         return CaptionerFolder(folder, model_type)
     found = sorted(p.name for p in folder.iterdir())[:20]
@@ -267,6 +271,7 @@ class ImageToTextCaptioner:
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                                     trust_remote_code=False)
         self.preprocess = PixelPreprocess.from_folder(folder)
+        self.prompt = florence_prompt_ids(self.tokenizer, folder, self.model.config) if kind == "florence2" else None
         # Passed whole: BLIP-2 hands it on to its language model, which otherwise uses its own defaults.
         self.generation = copy.deepcopy(self.model.generation_config)
         self.generation.update(max_new_tokens=settings.max_length or DEFAULT_NEW_TOKENS, do_sample=False)
@@ -274,14 +279,29 @@ class ImageToTextCaptioner:
     def caption(self, images: list[Image.Image]) -> list[str]:
         import torch
 
-        pixels = torch.from_numpy(self.preprocess(images)).to(self.device, self.dtype)
+        inputs = {"pixel_values": torch.from_numpy(self.preprocess(images)).to(self.device, self.dtype)}
+        if self.prompt is not None:
+            ids = torch.tensor([self.prompt] * len(images), device=self.device)
+            inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
         with torch.inference_mode():
-            tokens = self.model.generate(pixel_values=pixels, generation_config=self.generation)
+            tokens = self.model.generate(**inputs, generation_config=self.generation)
         return [" ".join(text.split()) for text in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
     def close(self) -> None:
         self.model.to("cpu")
         del self.model
+
+
+def florence_prompt_ids(tokenizer, folder: Path, config) -> list[int]:
+    """What Florence2Processor makes of the task "<DETAILED_CAPTION>": one image token per image feature, then
+    the task's prompt between BOS and EOS (no other special tokens)."""
+    settings = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
+    if "image_seq_length" not in settings:
+        raise CaptionerError(f"Florence-2 captioner '{folder.name}': preprocessor_config.json has no "
+                             "'image_seq_length' (a transformers Florence-2 folder has it): re-copy the model folder.")
+    image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+    text = image_token * settings["image_seq_length"] + tokenizer.bos_token + FLORENCE_PROMPT + tokenizer.eos_token
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def load_captioner(found: CaptionerFolder, settings: AutoCaptionSettings, device: str = "cpu", dtype=None) -> Captioner:
