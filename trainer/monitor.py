@@ -12,22 +12,22 @@ import io
 import logging
 import random
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
+from .data import Dataset
+from .data.dataset import Augment
+from .data.feed import Example, TrainingFeed
+from .data.plan import plan_dataset
 from .errors import ConfigError
 from .events import SamplesSaved, ValidationLoss
 from .files import atomic_write
 from .host import Host, ModelBridge
 from .noise import add_noise, training_target
-from .data import Dataset
-from .data.dataset import Augment
-from .data.feed import Example, TrainingFeed
-from .data.plan import plan_dataset
 
 log = logging.getLogger(__name__)
 LOG_NAME = "validation.csv"
@@ -61,8 +61,8 @@ def split_validation(dataset: Dataset, count: int, seed: int) -> tuple[Dataset, 
     candidates = [(s, i) for s, subset in enumerate(dataset.subsets) if not subset.is_reg for i in range(len(subset))]
     if count >= len(candidates):
         raise ConfigError([
-            f"validation_count is {count} but the dataset has {len(candidates)} training images (regularization "
-            f"images excluded): hold out fewer (one in ten is typical), or give a separate validation dataset."
+            (f"validation_count is {count} but the dataset has {len(candidates)} training images (regularization "
+             f"images excluded): hold out fewer (one in ten is typical), or give a separate validation dataset.")
         ])
     held = set(random.Random(f"tunekit:validation:{seed}").sample(candidates, count))
     train, validation = [], []

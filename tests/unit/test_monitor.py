@@ -1,10 +1,12 @@
 """Validation loss on held-out images and the sample schedule (trainer/monitor.py) on the tiny denoiser."""
 
+import itertools
 import random
 
 import pytest
 import torch
-
+from fakes import FakeBridge
+from helpers import solid_images
 from tunekit.trainer.config import TrainConfig
 from tunekit.trainer.data import Dataset, TrainImage
 from tunekit.trainer.errors import ConfigError
@@ -12,10 +14,7 @@ from tunekit.trainer.events import SamplesSaved, ValidationLoss
 from tunekit.trainer.monitor import Monitor, MonitorSettings, ValidationSet, read_log, split_validation
 from tunekit.trainer.session import TrainSession
 
-from fakes import FakeBridge
-from helpers import solid_images
-
-SETTINGS = dict(learning_rate=5e-3, rank=4, alpha=4, resolution=64, seed=3)
+SETTINGS = {"learning_rate": 5e-3, "rank": 4, "alpha": 4, "resolution": 64, "seed": 3}
 
 
 class Recorder:
@@ -96,7 +95,7 @@ def test_monitor_runs_at_step_zero_every_n_steps_and_at_the_end_and_logs_the_cur
     assert [(row["step"], row["validation_loss"]) for row in rows] == [(e.step, e.loss) for e in validations]
     print("validation loss by step:", [(e.step, round(e.loss, 4)) for e in validations])
     curve = [event.loss for event in validations]
-    assert all(later < earlier for earlier, later in zip(curve, curve[1:])), "held-out look-alikes should get easier"
+    assert all(later < earlier for earlier, later in itertools.pairwise(curve)), "held-out look-alikes should get easier"
     assert "validation loss (2 held-out images, fixed noise): step 0" in monitor.summary()
 
 
