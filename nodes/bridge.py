@@ -17,9 +17,11 @@ import comfy.model_sampling
 from comfy.cli_args import args as comfy_args
 from comfy.patcher_extension import PatcherInjection
 
+from ..trainer.embeddings import mark_embeddings
 from ..trainer.families import get_family
 from ..trainer.frozen import FrozenBase
 from ..trainer.host import PromptEmbedding, SizeInfo
+from .clip_text import clone_norm_inputs, embedding_tokenizer, text_encoder_modules, token_vectors, tokenize
 from .conditioning import stack_contexts
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,10 @@ class ComfyModelBridge:
         self.device = model.load_device
         base = model.model
         self._dtype = base.manual_cast_dtype or base.get_dtype()
+        self._training_clip = None  # the CLIP clone the text encoders train on, inside training(text=True)
         self._training_model = None  # the loaded MODEL clone that trains, inside training()
+        self._tokenizer = clip.tokenizer  # with trained embeddings once use_embeddings() is called
+        self._embedding_names: list[str] = []
 
     @property
     def _base(self):
@@ -103,12 +108,26 @@ class ComfyModelBridge:
         return f"vae {weights} {getattr(self.vae, 'vae_dtype', '')} {scale}"
 
     def encode_prompts(self, captions: Sequence[str]) -> list[PromptEmbedding]:
+        clip = self._training_clip or self.clip
+        # Cached embeddings wait on the CPU; ones that train stay where their graph is.
+        place = (lambda tensor: tensor) if self._training_clip else (lambda tensor: tensor.cpu())
         embeddings = []
         for caption in captions:
-            context, pooled = self.clip.encode_from_tokens(self.clip.tokenize(caption), return_pooled=True)
+            caption = mark_embeddings(caption, self._embedding_names)
+            context, pooled = clip.encode_from_tokens(tokenize(clip, self._tokenizer, caption), return_pooled=True)
             keep_pooled = self.family.size_conditioning and pooled is not None
-            embeddings.append(PromptEmbedding(context[0].cpu(), pooled[0].cpu() if keep_pooled else None))
+            embeddings.append(PromptEmbedding(place(context[0]), place(pooled[0]) if keep_pooled else None))
         return embeddings
+
+    def text_encoder_modules(self) -> dict[str, dict[str, torch.nn.Module]]:
+        return text_encoder_modules(self.clip.cond_stage_model)
+
+    def token_vectors(self, text: str) -> dict[str, torch.Tensor]:
+        return token_vectors(self.clip, text)
+
+    def use_embeddings(self, embeddings: dict[str, dict[str, torch.Tensor]]) -> None:
+        self._tokenizer = embedding_tokenizer(self.clip.tokenizer, embeddings)
+        self._embedding_names = list(embeddings)
 
     def predict(self, noisy_latents, timesteps, prompts: Sequence[PromptEmbedding], sizes: Sequence[SizeInfo]):
         device, dtype = noisy_latents.device, self._dtype
@@ -129,28 +148,46 @@ class ComfyModelBridge:
         )
 
     def sampling_models(self):
-        """(MODEL, CLIP) as trained so far: inside training() the loaded training clone, whose adapters
+        """(MODEL, CLIP) as trained so far: inside training() the loaded training clones, whose adapters
         run as side branches (ComfyUI's samplers use them as they are), else the graph's own."""
-        return self._training_model or self.patcher, self.clip
+        return self._training_model or self.patcher, self._training_clip or self.clip
 
     @contextmanager
-    def training(self, attach, detach):
-        frozen = FrozenBase()
-
-        def inject(patcher):
-            frozen.apply(patcher.model.diffusion_model)
-            attach()
-
-        def eject(patcher):
-            detach()
-            frozen.restore()
-
-        clone = self.patcher.clone()
-        clone.set_injections(INJECTION_KEY, [PatcherInjection(inject=inject, eject=eject)])
-        comfy.model_management.load_models_gpu([clone], force_full_load=True)
-        self._training_model = clone
+    def training(self, attach, detach, text: bool = False):
+        # With the text side training, each clone attaches only its own branches (by kohya prefix).
+        unet = ("lora_unet",) if text else ()
+        clones = [_inject_training(self.patcher.clone(), lambda p: p.model.diffusion_model, unet, attach, detach)]
+        if text:  # the text encoders run with grad: a CLIP clone with its own injection, the graph's CLIP untouched
+            self._training_clip = self.clip.clone()
+            clones.append(_inject_training(self._training_clip.patcher, lambda p: p.model, ("lora_te",), attach, detach,
+                                           clone_norm_inputs))
+        comfy.model_management.load_models_gpu(clones, force_full_load=True)
+        self._training_model = clones[0]
         try:
             yield
         finally:
-            self._training_model = None
-            clone.eject_model()
+            self._training_clip = self._training_model = None
+            for patcher in reversed(clones):
+                patcher.eject_model()
+
+
+def _inject_training(clone, trained_root, prefix: tuple, attach, detach, add_hooks=None):
+    """Give a patcher clone an injection that swaps the trained module tree's weights for frozen aliases
+    and attaches the branches (those named `prefix...` where given) while the clone is loaded; eject
+    restores both. `add_hooks(root)` returns further hooks that live as long as the injection."""
+    frozen = FrozenBase()
+    hooks = []
+
+    def inject(loaded):
+        frozen.apply(trained_root(loaded))
+        hooks.extend(add_hooks(trained_root(loaded)) if add_hooks else ())
+        attach(*prefix)
+
+    def eject(loaded):
+        detach(*prefix)
+        while hooks:
+            hooks.pop().remove()
+        frozen.restore()
+
+    clone.set_injections(INJECTION_KEY, [PatcherInjection(inject=inject, eject=eject)])
+    return clone

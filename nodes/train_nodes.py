@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 from ..trainer.adapters import TARGET_PRESETS
 from ..trainer.adapters.kohya import save_lora
 from ..trainer.checkpoints import latest_state_folder
-from ..trainer.config import TrainConfig
+from ..trainer.config import TEXT_ENCODER_SETS, TrainConfig
 from ..trainer.files import unused_path
 from ..trainer.session import TrainSession
 from .bridge import ComfyModelBridge
@@ -39,7 +39,8 @@ class TrainLoRA(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The loaded model to train on (SD 1.x or SDXL). It is not modified."),
-                io.Clip.Input("clip", tooltip="The model's text encoder(s), used to encode the captions (kept frozen)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder(s), used to encode the captions (frozen unless "
+                              "text_encoders trains them; never modified)."),
                 io.Vae.Input("vae", tooltip="The model's VAE, used once to encode the training images."),
                 DatasetType.Input("dataset", tooltip="From a TuneKit dataset node."),
                 io.String.Input("run_name", default="tunekit_lora",
@@ -61,6 +62,16 @@ class TrainLoRA(io.ComfyNode):
                                        "'attention': only the q/k/v/out projections (smaller, faster). "
                                        "'all': every linear and conv layer, res blocks too (kohya LoCon; what "
                                        "ComfyUI's own trainer trains)."),
+                io.Combo.Input("text_encoders", options=list(TEXT_ENCODER_SETS), default="none", optional=True,
+                               tooltip="LoRA on the text encoder(s) too, so the trigger word itself learns: 'all' (SD 1.x: "
+                                       "its encoder; SDXL: CLIP-L and CLIP-G), 'te1' (SDXL: CLIP-L only), 'te2' (SDXL: "
+                                       "CLIP-G only). Captions are then encoded every step (no text cache): slower, and "
+                                       "the CLIP output carries the trained encoder."),
+                io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=1.0, step=1e-6, optional=True,
+                               tooltip="Learning rate of the text-encoder LoRA (SDXL: CLIP-L); 0: learning_rate. Often "
+                                       "lower than the UNet's, e.g. 5e-5."),
+                io.Float.Input("text_encoder_2_lr", default=0.0, min=0.0, max=1.0, step=1e-6, optional=True,
+                               tooltip="SDXL's CLIP-G learning rate; 0: text_encoder_lr."),
                 # No "randomize after queue": a new seed would retrain on every queued prompt.
                 io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seeds the LoRA's initialisation, noise, timesteps and image order."),
@@ -74,7 +85,8 @@ class TrainLoRA(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The input model with the trained LoRA applied."),
-                io.Clip.Output(display_name="CLIP"),
+                io.Clip.Output(display_name="CLIP", tooltip="The input CLIP, with the trained text-encoder LoRA applied "
+                                                         "where text_encoders trained one."),
                 io.Custom("LORA_MODEL").Output(display_name="lora", tooltip="The LoRA (kohya format) for Save LoRA."),
                 io.String.Output(display_name="report"),
             ],
@@ -83,9 +95,12 @@ class TrainLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset, run_name, steps, learning_rate, rank, alpha, batch_size,
-                resolution, targets, seed, save_every, resume, monitor=None):
+                resolution, targets, seed, save_every, resume, text_encoders="none", text_encoder_lr=0.0,
+                text_encoder_2_lr=0.0, monitor=None):
         config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, batch_size=batch_size,
-                            resolution=resolution, seed=seed, targets=targets, save_every=save_every)
+                            resolution=resolution, seed=seed, targets=targets, save_every=save_every,
+                            text_encoders=text_encoders, text_encoder_lr=text_encoder_lr,
+                            text_encoder_2_lr=text_encoder_2_lr)
         dataset, held_out = split_for(monitor, dataset)
         session, host = _start_session(ComfyModelBridge(model, clip, vae), dataset, config, run_name, resume, cls.hidden.unique_id)
         watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None

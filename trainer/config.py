@@ -17,6 +17,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_rest
 MIXED_PRECISIONS = ("fp32", "bf16", "fp16")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+TEXT_ENCODER_SETS = ("none", "all", "te1", "te2")  # trainer/text_encoders.py
 NUM_TIMESTEPS = 1000  # the DDPM schedule of every SD model
 
 
@@ -61,11 +62,15 @@ class TrainConfig:
     clip_skip: int = 1  # 1: the last CLIP layer; 2: the penultimate (CLIPSetLastLayer -2)
     deterministic: bool = False
     loss_every: int = 10  # read the loss back to Python (and check it) every N steps
+    # ----- text encoders -----
+    text_encoders: str = "none"  # LoRA on CLIP too: none, all, te1 (SD1's encoder / SDXL CLIP-L), te2 (SDXL CLIP-G)
+    text_encoder_2_lr: float = 0.0  # SDXL CLIP-G; 0: as text_encoder_lr
     version: int = CONFIG_VERSION
 
     def problems(self) -> list[str]:
         """Every problem at once, each with the value and how to fix it."""
-        return [*self._basic_problems(), *self._optimizer_problems(), *self._loss_problems(), *self._other_problems()]
+        return [*self._basic_problems(), *self._optimizer_problems(), *self._loss_problems(), *self._other_problems(),
+                *self._text_encoder_problems()]
 
     def _basic_problems(self) -> list[str]:
         found = []
@@ -157,6 +162,14 @@ class TrainConfig:
             found.append(f"clip_skip is {self.clip_skip}: use 1 (the last layer) to 12; 2 is the usual anime-model value.")
         if self.loss_every < 1:
             found.append(f"loss_every is {self.loss_every}: use at least 1 (10 avoids a device sync per step).")
+        return found
+
+    def _text_encoder_problems(self) -> list[str]:
+        found = []
+        if self.text_encoders not in TEXT_ENCODER_SETS:
+            found.append(f"text_encoders is '{self.text_encoders}': choose one of {', '.join(TEXT_ENCODER_SETS)}.")
+        if not 0 <= self.text_encoder_2_lr <= 1:
+            found.append(f"text_encoder_2_lr is {self.text_encoder_2_lr}: use a value in (0, 1], or 0 to use text_encoder_lr.")
         return found
 
     def model_problems(self, model_prediction: str, family_name: str) -> list[str]:

@@ -70,7 +70,20 @@ class ModelBridge(Protocol):
         """A string that changes whenever `encode_images` would give other latents for the same pixels
         (other VAE weights or dtype, another latent scale): part of every cached latent's key."""
 
-    def encode_prompts(self, captions: Sequence[str]) -> list[PromptEmbedding]: ...
+    def encode_prompts(self, captions: Sequence[str]) -> list[PromptEmbedding]:
+        """Inside `training(..., text=True)` through the training text encoders, with grad where enabled."""
+
+    def text_encoder_modules(self) -> dict[str, dict[str, torch.nn.Module]]:
+        """Each text encoder's modules by transformers path ('text_model.encoder.layers.0.mlp.fc1'), keyed by
+        the encoder's name ('clip_l', 'clip_g'), in the model's order (SDXL: CLIP-L first)."""
+
+    def token_vectors(self, text: str) -> dict[str, torch.Tensor]:
+        """The input embeddings of `text`'s tokens, [tokens, dim] per encoder, keyed as embedding files key
+        them ('clip_l', 'clip_g')."""
+
+    def use_embeddings(self, embeddings: dict[str, dict[str, torch.Tensor]]) -> None:
+        """From now on `embedding:<name>` in a caption stands for these vectors (name -> encoder key ->
+        [vectors, dim]), gradients included, instead of a file of that name."""
 
     def predict(
         self,
@@ -81,5 +94,7 @@ class ModelBridge(Protocol):
     ) -> torch.Tensor:
         """The denoiser's raw output (epsilon or v) for discrete DDPM timesteps."""
 
-    def training(self, attach, detach) -> AbstractContextManager[None]:
-        """Make the base weights usable by autograd and call attach()/detach() around training."""
+    def training(self, attach, detach, text: bool = False) -> AbstractContextManager[None]:
+        """Make the base weights usable by autograd and call attach()/detach() around training. With `text`
+        the text encoders train too (their weights aliased, prompts encoded with grad) and each model's
+        branches are attached on their own: attach('lora_unet'), attach('lora_te')."""

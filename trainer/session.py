@@ -27,6 +27,7 @@ from .noise import add_noise, draw_noise, is_zero_terminal, rescale_zero_termina
 from .optim import build_optimizer, is_schedule_free, optimizer_name
 from .precision import Precision
 from .schedules import build_scheduler
+from .text_encoders import network_param_groups, text_encoder_targets
 from .timesteps import sample_timesteps, timestep_weights
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ class TrainSession:
             raise DatasetError(f"No image of the dataset fits a bucket ({reasons}).")
         if hasattr(bridge, "set_clip_skip"):
             bridge.set_clip_skip(config.clip_skip)
-        self.feed = TrainingFeed(bridge, self.plan, config.seed, cache_dir, caption_dropout_rate=config.caption_dropout_rate)
+        text_trains = config.text_encoders != "none" or getattr(trainable, "trains_text", False)
+        self.feed = TrainingFeed(bridge, self.plan, config.seed, cache_dir, caption_dropout_rate=config.caption_dropout_rate,
+                                 text_trains=text_trains)
         self.network = trainable if trainable is not None else self._build_network()
         self._build_training_state()
         self.losses: list[float] = []
@@ -84,6 +87,8 @@ class TrainSession:
             raise ConfigError([f"targets '{self.config.targets}' matches no layer of this {self.bridge.family.title} model."])
         levels = self.bridge.unet_levels()
         named = {self.bridge.family.kohya_unet_name(path, levels): module for path, module in targets.items()}
+        if self.config.text_encoders != "none":
+            named.update(text_encoder_targets(self.bridge.text_encoder_modules(), self.config))
         # Seed only the CPU generator (the branches are built there) inside fork_rng, which restores it:
         # torch.manual_seed would also reseed every CUDA device's generator that other nodes sample with.
         with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
@@ -107,7 +112,7 @@ class TrainSession:
         """The trainable's groups (e.g. UNet and text encoders, each with its learning rate)."""
         if hasattr(self.network, "param_groups"):
             return self.network.param_groups(self.config)
-        return [{"params": list(self.network.parameters()), "lr": self.config.effective_unet_lr, "name": "unet"}]
+        return network_param_groups(self.network, self.config)
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -208,6 +213,8 @@ class TrainSession:
 
     def _training_model(self):
         kwargs = {"gradient_checkpointing": True} if self.config.gradient_checkpointing else {}
+        if self.feed.text_trains:
+            kwargs["text"] = True
         return self.bridge.training(self.network.attach, self.network.detach, **kwargs)
 
     @contextmanager
@@ -312,9 +319,8 @@ class TrainSession:
             raise RuntimeError("call prepare() before evaluate()")
         generator = torch.Generator().manual_seed(seed)
         losses = []
-        with torch.inference_mode(False), torch.no_grad():
-            examples = self.feed.fixed_examples()
         with torch.inference_mode(False), torch.no_grad(), self._weights_to_save(), self._training_model():
+            examples = self.feed.fixed_examples()  # inside: trained text encoders encode the captions
             for _ in range(draws):
                 for example in examples:
                     losses.append(self._plain_loss(example, generator))

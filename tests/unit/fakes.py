@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from tunekit.trainer.embeddings import mark_embeddings
 from tunekit.trainer.families import SD1
 from tunekit.trainer.frozen import FrozenBase
 from tunekit.trainer.grad_checkpoint import checkpointed
@@ -168,3 +169,91 @@ class FakeBridge:
 
     def _count_checkpointed(self, module, args):
         self.checkpointed_forwards += 1
+
+
+class TinyCLIPLayer(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self.self_attn, name, nn.Linear(dim, dim))
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, dim * 2), nn.Linear(dim * 2, dim)
+
+    def forward(self, x):
+        attn = self.self_attn
+        weights = torch.softmax(attn.q_proj(x) @ attn.k_proj(x).transpose(-1, -2) / x.shape[-1] ** 0.5, dim=-1)
+        x = x + attn.out_proj(weights @ attn.v_proj(x))
+        return x + self.mlp.fc2(torch.nn.functional.gelu(self.mlp.fc1(x)))
+
+
+class TinyTextEncoder(nn.Module):
+    """CLIP-shaped module names (`text_model.encoder.layers.0.self_attn.q_proj`), one layer, 64 tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.text_model = nn.Module()
+        self.text_model.embeddings = nn.Module()
+        self.text_model.embeddings.token_embedding = nn.Embedding(64, CONTEXT_DIM)
+        self.text_model.encoder = nn.Module()
+        self.text_model.encoder.layers = nn.ModuleList([TinyCLIPLayer(CONTEXT_DIM)])
+
+    def forward(self, vectors):
+        for layer in self.text_model.encoder.layers:
+            vectors = layer(vectors)
+        return vectors
+
+
+def token_id(word: str) -> int:
+    return sum(map(ord, word)) % 64
+
+
+class FakeTextBridge(FakeBridge):
+    """FakeBridge whose captions go through a tiny CLIP-shaped encoder ('clip_l'); `embedding:<name>` in a
+    caption reads the vectors given to use_embeddings()."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        with torch.inference_mode():
+            torch.manual_seed(seed + 1)
+            self.text_encoder = TinyTextEncoder()
+        self.embeddings: dict = {}
+        self.text_trainings = 0  # training contexts entered with the text side training
+
+    def text_encoder_modules(self):
+        return {"clip_l": dict(self.text_encoder.named_modules())}
+
+    def token_vectors(self, text):
+        table = self.text_encoder.text_model.embeddings.token_embedding.weight
+        with torch.inference_mode(False):
+            return {"clip_l": table[[token_id(word) for word in text.split()]].clone()}
+
+    def use_embeddings(self, embeddings):
+        self.embeddings = embeddings
+
+    def encode_prompts(self, captions):
+        return [PromptEmbedding(self.text_encoder(self._vectors(mark_embeddings(caption, list(self.embeddings)))))
+                for caption in captions]
+
+    def _vectors(self, caption):
+        table = self.text_encoder.text_model.embeddings.token_embedding.weight
+        parts = []
+        for word in caption.split() or [""]:
+            name = word.removeprefix("embedding:")
+            if word.startswith("embedding:") and name in self.embeddings:
+                parts.append(self.embeddings[name]["clip_l"])
+            else:
+                parts.append(table[[token_id(word)]])
+        return torch.cat(parts)
+
+    @contextmanager
+    def training(self, attach, detach, text: bool = False, **options):
+        frozen = FrozenBase()
+        if text:
+            frozen.apply(self.text_encoder)
+            self.text_trainings += 1
+        try:
+            with super().training(attach, detach, **options):
+                yield
+        finally:
+            frozen.restore()

@@ -41,19 +41,19 @@ class AdapterNetwork(nn.Module):
         self.branches = nn.ModuleDict(
             {name: LoRABranch(module, rank, alpha) for name, module in targets.items()}
         )
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}  # kohya name -> hook
 
-    def attach(self) -> None:
-        """Add each branch's output to its module's output (forward hooks)."""
-        self.detach()
+    def attach(self, prefix: str = "") -> None:
+        """Add each branch's output to its module's output (forward hooks). `prefix` picks the branches
+        whose kohya names start with it ('lora_unet', 'lora_te'): each model's clone attaches its own."""
+        self.detach(prefix)
         for name, module in self._targets.items():
-            branch = self.branches[name]
-            self._hooks.append(module.register_forward_hook(_side_branch_hook(branch)))
+            if name.startswith(prefix):
+                self._hooks[name] = module.register_forward_hook(_side_branch_hook(self.branches[name]))
 
-    def detach(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
+    def detach(self, prefix: str = "") -> None:
+        for name in [name for name in self._hooks if name.startswith(prefix)]:
+            self._hooks.pop(name).remove()
 
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         tensors = {}

@@ -5,6 +5,8 @@ weights, encoding through the host's models as little as possible.
   second entry); random-crop subsets encode the step's crops each step.
 - Captions that never change are encoded once; subsets with shuffle / dropout / tag dropout / warmup encode
   the step's captions each step (the text-embedding cache is off for them).
+- While the text side trains (text-encoder LoRA, textual inversion) every caption is encoded every step,
+  with grad: the text-embedding cache is off.
 - Every random choice of a step (flip, crop, caption) comes from a `random.Random` seeded with the run's
   seed and the step number: a resumed run makes exactly the same choices.
 """
@@ -51,8 +53,8 @@ class _Pending:
 
 class TrainingFeed:
     def __init__(self, bridge: ModelBridge, plan: DatasetPlan, seed: int, cache_dir: Path | None = None,
-                 caption_dropout_rate: float = 0.0):
-        self.bridge, self.plan, self.seed = bridge, plan, seed
+                 text_trains: bool = False, caption_dropout_rate: float = 0.0):
+        self.bridge, self.plan, self.seed, self.text_trains = bridge, plan, seed, text_trains
         self.caption_dropout_rate = caption_dropout_rate  # run-wide; a subset's own rate wins where set
         self.cache = LatentCache(cache_dir)
         self.vae_identity = bridge.vae_identity()
@@ -74,6 +76,8 @@ class TrainingFeed:
                 if self.cache.get(key) is None:
                     pending.append(_Pending(item, crop, key))
         self._encode(pending)
+        if self.text_trains:
+            return
         fixed = sorted({self._fixed_caption(item) for item in self.plan.items if not self._caption_options(item).varies})
         self._encode_prompts(fixed)
 
@@ -123,10 +127,18 @@ class TrainingFeed:
         items = [self.plan.items[index] for index in indices]
         crops = [self._draw_crop(item, rng) for item in items]
         captions = [self._caption(item, rng, epoch, step, max_steps) for item in items]
-        self._encode_prompts(captions)
+        with torch.enable_grad():  # the step's batch is drawn under no_grad; trained text needs its graph
+            prompts = self._prompts(captions)
         latents = self._latents(items, crops)
-        return [self._example(item, crop, latent, self.prompts[caption])
-                for item, crop, latent, caption in zip(items, crops, latents, captions)]
+        return [self._example(item, crop, latent, prompt)
+                for item, crop, latent, prompt in zip(items, crops, latents, prompts)]
+
+    def _prompts(self, captions: list[str]) -> list[PromptEmbedding]:
+        """The captions' embeddings: encoded now while the text side trains, else from the cache."""
+        if self.text_trains:
+            return self.bridge.encode_prompts(captions)
+        self._encode_prompts(captions)
+        return [self.prompts[caption] for caption in captions]
 
     def _draw_crop(self, item: PlannedImage, rng: random.Random) -> Crop:
         flip = item.subset.augment.flip and rng.random() < 0.5
@@ -181,10 +193,9 @@ class TrainingFeed:
         """Every image at its centre crop, unflipped, with its caption unchanged."""
         items = self.plan.items
         crops = [centre_crop(item.assignment) for item in items]
-        captions = [self._fixed_caption(item) for item in items]
-        self._encode_prompts(captions)
+        prompts = self._prompts([self._fixed_caption(item) for item in items])
         latents = self._latents(items, crops)
-        return [self._example(i, c, lat, self.prompts[cap]) for i, c, lat, cap in zip(items, crops, latents, captions)]
+        return [self._example(i, c, lat, prompt) for i, c, lat, prompt in zip(items, crops, latents, prompts)]
 
 
 def size_info(item: PlannedImage, crop: Crop) -> SizeInfo:
