@@ -15,7 +15,7 @@ from ..trainer.captions.autocaption import (
     CAPTION_MODES, AutoCaptionSettings, CaptionerError, caption_dataset, detect_captioner, load_captioner,
 )
 from ..trainer.captions.dataset_captions import SAVE_MODES, changes_summary, map_captions, save_captions
-from ..trainer.errors import ConfigError, TuneKitError
+from ..trainer.errors import ConfigError
 from .dataset_nodes import DatasetType
 from .paths import resolve_dataset_folder
 
@@ -60,8 +60,9 @@ class AutoCaption(io.ComfyNode):
             display_name="Auto Caption",
             category=CATEGORY,
             description="Captions the dataset's images with a model folder from models/captioners: a WD14 tagger "
-                        "(model.onnx + selected_tags.csv; needs onnxruntime) or a transformers BLIP, BLIP-2 or GIT "
-                        "folder. Returns the dataset with the new captions; nothing is written until Save Captions.",
+                        "(model.onnx + selected_tags.csv; needs onnxruntime) or a transformers BLIP, BLIP-2, GIT or "
+                        "Florence-2 folder (native classes; code inside model folders is never run). Returns the "
+                        "dataset with the new captions; nothing is written until Save Captions.",
             inputs=[
                 DatasetType.Input("dataset", tooltip=DATASET_TOOLTIP),
                 io.Combo.Input("captioner", options=captioner_folders() or [NO_CAPTIONER],
@@ -231,7 +232,7 @@ class CaptionTags(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset, remove_tags, rename_tags, lowercase, dedupe, order, keep_first, seed):
-        renames, unwanted = parse_renames(rename_tags), ops.split_tags(remove_tags)
+        renames, unwanted = ops.parse_renames(rename_tags), ops.split_tags(remove_tags)
 
         def clean(caption: str) -> str:
             caption = ops.rename_tags(caption, renames) if renames else caption
@@ -245,18 +246,6 @@ class CaptionTags(io.ComfyNode):
             return caption
 
         return _changed(dataset, clean, "Tags")
-
-
-def parse_renames(text: str) -> dict[str, str]:
-    renames = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        if "=" not in line:
-            raise TuneKitError(f"rename_tags line {number} ({line.strip()!r}) has no '=': write 'old tag = new tag'.")
-        old, new = line.split("=", 1)
-        renames[old.strip()] = new.strip()
-    return renames
 
 
 class CaptionLimit(io.ComfyNode):

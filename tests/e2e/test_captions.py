@@ -34,22 +34,27 @@ def captioners(comfy) -> dict:
     return {"wd14": wd14.name, "git": git.name, "junk": junk.name}
 
 
-def caption_graph(folder: str, captioners: dict, save_mode: str) -> dict:
+def caption_graph(folder: str, captioners: dict) -> dict:
+    """Folder -> WD14 tagger (only missing) -> GIT (append) -> every processing node -> Save Captions."""
+    def node(kind, source, **inputs):
+        return {"class_type": f"TuneKit{kind}", "inputs": {"dataset": [source, 0], **inputs}}
+
+    auto = dict(max_length=0, general_threshold=0.35, character_threshold=0.85, exclude_tags="", batch_size=2)
     return {
         "data": {"class_type": "TuneKitDatasetFromFolder", "inputs": {
             "folder": folder, "trigger_word": "", "caption_extension": ".txt", "missing_captions": "use trigger word"}},
-        "tagger": {"class_type": "TuneKitAutoCaption", "inputs": {
-            "dataset": ["data", 0], "captioner": captioners["wd14"], "mode": "only missing", "prefix": "sks",
-            "max_length": 0, "general_threshold": 0.35, "character_threshold": 0.85, "exclude_tags": "^_^",
-            "batch_size": 2}},
-        "git": {"class_type": "TuneKitAutoCaption", "inputs": {
-            "dataset": ["tagger", 0], "captioner": captioners["git"], "mode": "append", "prefix": "",
-            "max_length": 3, "general_threshold": 0.35, "character_threshold": 0.85, "exclude_tags": "",
-            "batch_size": 2}},
-        "tags": {"class_type": "TuneKitCaptionTags", "inputs": {
-            "dataset": ["git", 0], "remove_tags": "simple_background", "rename_tags": "blue = azure",
-            "lowercase": False, "dedupe": True, "order": "keep", "keep_first": 0, "seed": 0}},
-        "save": {"class_type": "TuneKitSaveCaptions", "inputs": {"dataset": ["tags", 0], "mode": save_mode}},
+        "tagger": node("AutoCaption", "data", **{**auto, "captioner": captioners["wd14"], "mode": "only missing",
+                                                 "prefix": "sks", "exclude_tags": "^_^"}),
+        "git": node("AutoCaption", "tagger", **{**auto, "captioner": captioners["git"], "mode": "append", "prefix": "",
+                                                "max_length": 3}),
+        "tags": node("CaptionTags", "git", remove_tags="simple_background", rename_tags="blue = azure",
+                     lowercase=False, dedupe=True, order="keep", keep_first=0, seed=0),
+        "replace": node("CaptionFindReplace", "tags", find=r"\bazure\b", replace="deep azure", regex=True,
+                        case_sensitive=True),
+        "limit": node("CaptionLimit", "replace", max_tags=2, max_characters=0),
+        "trigger": node("CaptionTriggerWord", "limit", trigger_word="ohwx", action="add at end"),
+        "text": node("CaptionAddText", "trigger", text="photo", position="start"),
+        "save": node("SaveCaptions", "text", mode="only missing"),
     }
 
 
@@ -66,22 +71,27 @@ def test_folder_auto_captioned_processed_and_saved(comfy, captioners):
     options = comfy.object_info("TuneKitAutoCaption")["TuneKitAutoCaption"]["input"]["required"]["captioner"]
     assert {captioners["wd14"], captioners["git"]} <= set(options[0] if isinstance(options[0], list) else options[1]["options"])
 
-    history = comfy.run(caption_graph(folder.name, captioners, "only missing"), timeout=600)
-    words = set(tiny_captioners.WORDS)
-    blue, gray = (folder / "blue.txt").read_text(), (folder / "gray.txt").read_text()
-    assert blue.startswith("sks, azure, ") and gray.startswith("sks, ") and "simple background" not in blue + gray
-    assert len(blue.split(", ")[2].split()) == 3 and set(blue.split(", ")[2].split()) <= words, blue
+    history = comfy.run(caption_graph(folder.name, captioners), timeout=600)
+    assert (folder / "blue.txt").read_text() == "photo, sks, deep azure, ohwx"
+    gray = (folder / "gray.txt").read_text().split(", ")
+    assert gray[:2] == ["photo", "sks"] and gray[3] == "ohwx" and len(gray) == 4, gray
+    assert len(gray[2].split()) == 3 and set(gray[2].split()) <= set(tiny_captioners.WORDS), gray  # GIT's words
     assert (folder / "red.txt").read_text() == "my red thing"  # existing file kept in 'only missing'
+    assert "Auto-captioned 2 images" in text_of(history, "tagger") and "Left 1 images" in text_of(history, "tagger")
+    assert "Auto-captioned 3 images" in text_of(history, "git")
     report = text_of(history, "save")
     assert "2 created, 0 overwritten" in report and "Kept 1 existing caption files" in report, report
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
 
-    history = comfy.run(caption_graph(folder.name, captioners, "overwrite"), timeout=600)
-    red = (folder / "red.txt").read_text()
-    assert red.startswith("my red thing, ") and len(red.split(", ")[1].split()) == 3, red
-    assert "1 overwritten" in text_of(history, "save")
+    remove = {"data": caption_graph(folder.name, captioners)["data"],
+              "untrigger": {"class_type": "TuneKitCaptionTriggerWord", "inputs": {
+                  "dataset": ["data", 0], "trigger_word": "ohwx", "action": "remove"}},
+              "save": {"class_type": "TuneKitSaveCaptions", "inputs": {"dataset": ["untrigger", 0], "mode": "overwrite"}}}
+    report = text_of(comfy.run(remove, timeout=300), "save")
+    assert "0 created, 2 overwritten, 1 unchanged" in report, report
+    assert (folder / "blue.txt").read_text() == "photo, sks, deep azure" and (folder / "red.txt").read_text() == "my red thing"
 
-    graph = caption_graph(folder.name, captioners, "overwrite")
+    graph = caption_graph(folder.name, captioners)
     graph["tagger"]["inputs"]["captioner"] = captioners["junk"]
     with pytest.raises(harness.WorkflowFailed, match="is not a kind TuneKit knows.*weights.bin.*Supported"):
         comfy.run(graph, timeout=300)

@@ -4,7 +4,7 @@ import pytest
 
 from tunekit.trainer.captions import (
     add_trigger, append, dedupe_tags, has_tag, limit_characters, limit_tags, lowercase, normalize, prepend,
-    remove_tags, remove_trigger, rename_tags, replace_text, shuffle_tags, sort_tags, split_tags, tag_frequency,
+    parse_renames, remove_tags, remove_trigger, rename_tags, replace_text, shuffle_tags, sort_tags, split_tags, tag_frequency,
 )
 from tunekit.trainer.errors import TuneKitError
 
@@ -48,6 +48,12 @@ def test_tags_compare_ignoring_case_space_and_underscore():
     assert has_tag(TAGS, "Red_Collar") and not has_tag(TAGS, "red")
     assert remove_tags(TAGS, ["red_collar", "SUNNY"]) == "sks dog, grass"
     assert rename_tags(TAGS, {"red_collar": "collar", "grass": ""}) == "sks dog, collar, sunny"
+
+
+def test_renames_are_parsed_one_per_line():
+    assert parse_renames("blue = azure\n\nred_hair=  \n") == {"blue": "azure", "red_hair": ""}
+    with pytest.raises(TuneKitError, match=r"line 2 \('cat'\) has no '='"):
+        parse_renames("a=b\ncat")
 
 
 def test_dedupe_keeps_the_first_occurrence():

@@ -13,6 +13,7 @@ from .ops import (
     limit_tags,
     lowercase,
     normalize,
+    parse_renames,
     prepend,
     remove_tags,
     remove_trigger,
@@ -27,6 +28,6 @@ from .ops import (
 
 __all__ = [
     "add_trigger", "append", "dedupe_tags", "has_tag", "join_tags", "limit_characters", "limit_tags", "lowercase",
-    "normalize", "prepend", "remove_tags", "remove_trigger", "rename_tags", "replace_text", "shuffle_tags",
-    "sort_tags", "split_tags", "tag_frequency", "tag_key",
+    "normalize", "parse_renames", "prepend", "remove_tags", "remove_trigger", "rename_tags", "replace_text",
+    "shuffle_tags", "sort_tags", "split_tags", "tag_frequency", "tag_key",
 ]

@@ -104,6 +104,20 @@ def rename_tags(caption: str, renames: Mapping[str, str], separator: str = SEPAR
     return join_tags((tag for tag in renamed if tag), separator)
 
 
+def parse_renames(text: str) -> dict[str, str]:
+    """Tag renames written one per line as 'old tag = new tag' (blank lines skipped); a line without '=' raises a
+    TuneKitError naming the line."""
+    renames = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if "=" not in line:
+            raise TuneKitError(f"Rename line {number} ({line.strip()!r}) has no '=': write 'old tag = new tag'.")
+        old, new = line.split("=", 1)
+        renames[old.strip()] = new.strip()
+    return renames
+
+
 def dedupe_tags(caption: str, separator: str = SEPARATOR) -> str:
     """Each tag once, at its first place."""
     seen, kept = set(), []
