@@ -20,6 +20,7 @@ from comfy.patcher_extension import PatcherInjection
 from ..trainer.embeddings import mark_embeddings
 from ..trainer.families import get_family
 from ..trainer.frozen import FrozenBase
+from ..trainer.grad_checkpoint import checkpointed
 from ..trainer.host import PromptEmbedding, SizeInfo
 from .clip_text import clone_norm_inputs, embedding_tokenizer, text_encoder_modules, token_vectors, tokenize
 from .conditioning import stack_contexts
@@ -153,7 +154,14 @@ class ComfyModelBridge:
         return self._training_model or self.patcher, self._training_clip or self.clip
 
     @contextmanager
-    def training(self, attach, detach, text: bool = False):
+    def set_clip_skip(self, layers: int) -> None:
+        """Encode captions from the `layers`-th last CLIP layer (CLIPSetLastLayer -layers) with a clone: the
+        graph's CLIP keeps its own setting."""
+        if layers > 1:
+            self.clip = self.clip.clone()
+            self.clip.clip_layer(-layers)
+
+    def training(self, attach, detach, text: bool = False, gradient_checkpointing: bool = False):
         # With the text side training, each clone attaches only its own branches (by kohya prefix).
         unet = ("lora_unet",) if text else ()
         clones = [_inject_training(self.patcher.clone(), lambda p: p.model.diffusion_model, unet, attach, detach)]
@@ -164,11 +172,18 @@ class ComfyModelBridge:
         comfy.model_management.load_models_gpu(clones, force_full_load=True)
         self._training_model = clones[0]
         try:
-            yield
+            with checkpointed(_unet_blocks(clones[0].model.diffusion_model) if gradient_checkpointing else []):
+                yield
         finally:
             self._training_clip = self._training_model = None
             for patcher in reversed(clones):
                 patcher.eject_model()
+
+
+def _unet_blocks(unet) -> list[torch.nn.Module]:
+    """The UNet's blocks, each checkpointed as a whole (diffusers' granularity): activations inside a
+    block are recomputed in backward instead of kept."""
+    return [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
 
 
 def _inject_training(clone, trained_root, prefix: tuple, attach, detach, add_hooks=None):

@@ -94,7 +94,12 @@ class ModelBridge(Protocol):
     ) -> torch.Tensor:
         """The denoiser's raw output (epsilon or v) for discrete DDPM timesteps."""
 
-    def training(self, attach, detach, text: bool = False) -> AbstractContextManager[None]:
+    def training(self, attach, detach, text: bool = False, gradient_checkpointing: bool = False) -> AbstractContextManager[None]:
         """Make the base weights usable by autograd and call attach()/detach() around training. With `text`
         the text encoders train too (their weights aliased, prompts encoded with grad) and each model's
-        branches are attached on their own: attach('lora_unet'), attach('lora_te')."""
+        branches are attached on their own: attach('lora_unet'), attach('lora_te'). With
+        `gradient_checkpointing` the denoiser's blocks recompute their activations in backward."""
+
+    def set_clip_skip(self, layers: int) -> None:
+        """Encode captions from the `layers`-th last text-encoder layer (1: the last), without changing the
+        host's own text encoder."""
