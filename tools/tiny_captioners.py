@@ -38,7 +38,8 @@ WD14_TAGS = [
 WD14_SIZE = 64
 
 
-def make_wd14(folder: Path, size: int = WD14_SIZE) -> Path:
+def make_wd14(folder: Path, size: int = WD14_SIZE, batch: int | str = "batch") -> Path:
+    """`batch`: the input's batch dimension, named (any size) or fixed (some exported taggers take 1)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -54,8 +55,8 @@ def make_wd14(folder: Path, size: int = WD14_SIZE) -> Path:
     ]
     graph = helper.make_graph(
         nodes, "tiny_wd14",
-        [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, ["batch", size, size, 3])],
-        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["batch", len(WD14_TAGS)])],
+        [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, [batch, size, size, 3])],
+        [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, [batch, len(WD14_TAGS)])],
         [numpy_helper.from_array(np.array([1, 2], np.int64), "axes"), numpy_helper.from_array(weights, "weights"),
          numpy_helper.from_array(bias, "bias")],
     )

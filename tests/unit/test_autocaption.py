@@ -74,6 +74,23 @@ def test_prefix_exclude_and_the_three_modes(tmp_path, wd14):
     assert (tmp_path / "d" / "red.txt").read_text() == "my red thing" and not (tmp_path / "d" / "blue.txt").exists()
 
 
+def test_a_tagger_exported_for_batches_of_one_still_takes_batches(tmp_path, wd14):
+    single = tiny_captioners.make_wd14(tmp_path / "single", batch=1)
+    dataset = colour_folder(tmp_path / "d")
+    assert run(dataset, single, mode="overwrite", batch_size=3)[0] == run(dataset, wd14, mode="overwrite")[0]
+
+
+def test_cancel_between_batches_stops_and_changes_nothing(tmp_path, wd14):
+    dataset, settings = colour_folder(tmp_path / "d"), AutoCaptionSettings(mode="overwrite", batch_size=1)
+
+    def cancel(done, total):
+        raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        caption_dataset(dataset, load_captioner(detect_captioner(wd14), settings), settings, on_batch=cancel)
+    assert [i.caption for i in dataset.images] == ["", "", ""] and not list((tmp_path / "d").glob("*.txt"))
+
+
 def test_wd14_input_is_a_white_padded_bgr_square():
     pixels = wd14_input(Image.new("RGB", (20, 10), (255, 0, 0)), 20)
     assert pixels.shape == (20, 20, 3) and pixels.dtype == np.float32
@@ -116,7 +133,7 @@ def test_bad_settings_are_all_listed():
 # The transformers models run in a fresh interpreter: the ComfyUI test host's torchvision stand-in on
 # PYTHONPATH would make transformers import torchvision code (run_python drops it).
 IMAGE_TO_TEXT = r"""
-import json, sys, types
+import gc, json, sys, types, weakref
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 package = types.ModuleType("tunekit"); package.__path__ = [sys.argv[2]]; sys.modules["tunekit"] = package
@@ -152,11 +169,15 @@ for kind in ("blip", "git", "blip-2", "florence2"):
         results["florence_prompt_equal"] = inputs["input_ids"][0].tolist() == captioner.prompt
     model = type(captioner.model).from_pretrained(folder).eval()
     tokens = model.generate(**inputs, generation_config=captioner.generation)
+    loaded = weakref.ref(captioner.model)
+    captioner.close()
+    del captioner
+    gc.collect()
     results[kind] = dict(
         kind=found.kind, captions=[i.caption for i in captioned.images], one_by_one=one_by_one,
         hf=[" ".join(t.split()) for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)],
         pixel_error=float(np.abs(PixelPreprocess.from_folder(folder)(images) - reference).max()),
-        changed=len(report.changes), summary=report.summary())
+        changed=len(report.changes), summary=report.summary(), freed=loaded() is None)
 print(json.dumps(results))
 """
 
@@ -174,3 +195,4 @@ def test_transformers_captioners_load_from_a_folder_batch_and_match_their_hf_pip
         assert generated == result["one_by_one"] == result["hf"], (kind, result)  # batching changes nothing
         assert result["pixel_error"] < 2e-2, (kind, result["pixel_error"])  # our PIL preprocessing = HF's
         assert result["changed"] == 3
+        assert result["freed"], kind  # once the captioner is dropped, nothing (no cache) holds the model

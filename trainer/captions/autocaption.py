@@ -178,6 +178,7 @@ class WD14Tagger:
             raise CaptionerError(f"{folder / 'model.onnx'} takes input shape {shape}: a WD14 tagger takes "
                                  "[batch, size, size, 3] (NHWC, BGR).")
         self.size = shape[1]
+        self.one_at_a_time = shape[0] == 1  # exported with a fixed batch of 1
         outputs = self.session.get_outputs()[0].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.tags):
             raise CaptionerError(f"{folder.name}: the model scores {outputs} tags but selected_tags.csv lists "
@@ -185,6 +186,8 @@ class WD14Tagger:
 
     def scores(self, images: list[Image.Image]) -> np.ndarray:
         batch = np.stack([wd14_input(image, self.size) for image in images])
+        if self.one_at_a_time:
+            return np.concatenate([self.session.run(None, {self.input_name: one[None]})[0] for one in batch])
         return self.session.run(None, {self.input_name: batch})[0]
 
     def caption(self, images: list[Image.Image]) -> list[str]:
