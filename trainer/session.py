@@ -73,6 +73,9 @@ class TrainSession:
         self.network = trainable if trainable is not None else self._build_network()
         self._build_training_state()
         self.losses: list[float] = []
+        # Called as hook(session, host) inside the training context, before the first step and after every
+        # step (trainer/monitor.py: validation loss, samples); they must not touch the training RNG.
+        self.step_hooks: list = []
         self.started_at = time.time()
         self._prepared = False
         self._last_checkpoint: Path | None = None
@@ -195,10 +198,12 @@ class TrainSession:
             with torch.inference_mode(False), torch.enable_grad(), self._determinism(), self._training_model():
                 if self.config.loss_every > 1:
                     self._good = self._state()
+                self._call_step_hooks(host)
                 while self.step < self.config.steps:
                     if host.should_stop():
                         return self._stop_early(host)
                     self._train_step(host)
+                    self._call_step_hooks(host)
                     if self._save_due():
                         self._save(host, partial=True)
         except TrainingDivergedError:
@@ -229,6 +234,10 @@ class TrainSession:
             yield
         finally:
             torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+    def _call_step_hooks(self, host: Host) -> None:
+        for hook in self.step_hooks:
+            hook(self, host)
 
     def _train_step(self, host: Host) -> None:
         began = time.perf_counter()
