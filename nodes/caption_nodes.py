@@ -68,8 +68,9 @@ class AutoCaption(io.ComfyNode):
                 io.Combo.Input("captioner", options=captioner_folders() or [NO_CAPTIONER],
                                tooltip="A model folder in models/captioners."),
                 io.Combo.Input("mode", options=list(CAPTION_MODES), default="only missing",
-                               tooltip="only missing: caption images without caption file (or an empty one); "
-                                       "overwrite: replace every caption; append: add the model's text to each."),
+                               tooltip="only missing: caption images without caption file (or an empty one), "
+                                       "after their trigger word; overwrite: replace every caption (put a trigger "
+                                       "word in prefix); append: add the model's text to each."),
                 io.String.Input("prefix", default="", tooltip="Trigger words put first in every new caption, comma "
                                                               "separated, e.g. 'sks, photo'."),
                 io.Int.Input("max_length", default=0, min=0, max=512,

@@ -74,6 +74,15 @@ def test_prefix_exclude_and_the_three_modes(tmp_path, wd14):
     assert (tmp_path / "d" / "red.txt").read_text() == "my red thing" and not (tmp_path / "d" / "blue.txt").exists()
 
 
+def test_only_missing_keeps_the_dataset_trigger_word_in_front(tmp_path, wd14):
+    (tmp_path / "d").mkdir()
+    write_png(tmp_path / "d" / "blue.png", COLOURS["blue"])
+    dataset = scan_image_folder(tmp_path / "d", ".txt", "ohwx", "use trigger word")
+    settings = AutoCaptionSettings(exclude_tags="^_^")
+    result, _ = caption_dataset(dataset, load_captioner(detect_captioner(wd14), settings), settings)
+    assert result.images[0].caption == "ohwx, blue, simple background"
+
+
 def test_a_tagger_exported_for_batches_of_one_still_takes_batches(tmp_path, wd14):
     single = tiny_captioners.make_wd14(tmp_path / "single", batch=1)
     dataset = colour_folder(tmp_path / "d")

@@ -378,10 +378,12 @@ def _wanted(image: TrainImage, subset: Subset, settings: AutoCaptionSettings) ->
 
 
 def combined_caption(old: str, generated: str, settings: AutoCaptionSettings) -> str:
-    """The model's text without excluded tags, added to (append) or replacing the old caption, trigger words first."""
+    """The model's text without excluded tags, replacing the old caption (overwrite) or added to it, trigger words
+    first. 'only missing' adds it too: an image without caption file holds what its dataset node put there
+    (the trigger word, kohya's class tokens), which stays in front."""
     excluded = ops.split_tags(settings.exclude_tags)
     text = ops.remove_tags(generated, excluded) if excluded else generated
-    caption = ops.dedupe_tags(ops.append(old, text)) if settings.mode == "append" else text
+    caption = text if settings.mode == "overwrite" else ops.dedupe_tags(ops.append(old, text))
     for word in reversed(ops.split_tags(settings.prefix)):
         caption = ops.add_trigger(caption, word)
     return caption
