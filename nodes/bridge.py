@@ -153,7 +153,6 @@ class ComfyModelBridge:
         run as side branches (ComfyUI's samplers use them as they are), else the graph's own."""
         return self._training_model or self.patcher, self._training_clip or self.clip
 
-    @contextmanager
     def set_clip_skip(self, layers: int) -> None:
         """Encode captions from the `layers`-th last CLIP layer (CLIPSetLastLayer -layers) with a clone: the
         graph's CLIP keeps its own setting."""
@@ -161,6 +160,7 @@ class ComfyModelBridge:
             self.clip = self.clip.clone()
             self.clip.clip_layer(-layers)
 
+    @contextmanager
     def training(self, attach, detach, text: bool = False, gradient_checkpointing: bool = False):
         # With the text side training, each clone attaches only its own branches (by kohya prefix).
         unet = ("lora_unet",) if text else ()
