@@ -268,9 +268,10 @@ class ImageToTextCaptioner:
         import transformers
 
         model_class = getattr(transformers, IMAGE_TO_TEXT_CLASSES[kind])
-        self.device, self.dtype = torch.device(device), dtype or torch.float32
+        self.device = torch.device(device)
         self.model = model_class.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
-                                                 dtype=self.dtype).to(self.device).eval()
+                                                 dtype=dtype or torch.float32).to(self.device).eval()
+        self.dtype = self.model.dtype  # what it really loaded as (some parts may stay fp32 by design)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                                     trust_remote_code=False)
         self.preprocess = PixelPreprocess.from_folder(folder)
