@@ -8,7 +8,7 @@ import { api } from "../../scripts/api.js";
 const DATASET_NODE = "TuneKitDatasetFromFolder";
 const ROUTES = "/tunekit/captions";
 const PAGE_SIZE = 48; // cards in the DOM at once: 1,000 images stay smooth
-const LIST_CHUNK = 1000;
+const LIST_CHUNK = 2000; // the route's largest page: each page reads the whole folder
 const THUMB_SIZE = 256;
 const STYLESHEET = new URL("./caption_editor.css", import.meta.url);
 

@@ -55,6 +55,14 @@ def _ui_dataset(folder: Path) -> None:
             (folder / f"dog_{index:03d}.txt").write_text(caption, encoding="utf-8")
 
 
+def _settled_screenshot(tab, path: Path) -> None:
+    """A screenshot once the tag list has caught up (it follows edits a moment later) and the thumbnails shown
+    have loaded."""
+    sync_api.expect(tab.locator(".tunekit-captions .tk-tags li").first).to_contain_text("tkcap")
+    tab.wait_for_function("() => [...document.querySelectorAll('.tk-card img')].slice(0, 15).every((i) => i.complete)")
+    tab.screenshot(path=str(path))
+
+
 def _one_node_workflow(folder: str) -> dict:
     example = json.loads((REPO / "example_workflows" / "train_lora_then_sample.json").read_text(encoding="utf-8"))
     node = next(n for n in example["nodes"] if n["type"] == "TuneKitDatasetFromFolder")
@@ -125,7 +133,7 @@ def test_editor_edits_bulk_replaces_adds_a_trigger_and_saves(comfy, page, tmp_pa
         snow.click()
         sync_api.expect(counts).to_contain_text(f"{snowy}/{UI_IMAGES} images")
         sync_api.expect(cards.first.locator("textarea")).to_have_value("tkcap, a cat, snow")
-        page.screenshot(path=str(tmp_path / "caption_editor_filtered.png"))
+        _settled_screenshot(page, tmp_path / "caption_editor_filtered.png")
         editor.locator(".tk-tags li", has_text="snow").click()
         sync_api.expect(counts).to_have_text(f"{UI_IMAGES}/{UI_IMAGES} images · {UI_IMAGES} unsaved")
 
@@ -135,7 +143,7 @@ def test_editor_edits_bulk_replaces_adds_a_trigger_and_saves(comfy, page, tmp_pa
         editor.locator(".tk-close").click()
         assert dialogs and "unsaved" in dialogs[0], dialogs
         sync_api.expect(editor).to_be_visible()
-        page.screenshot(path=str(tmp_path / "caption_editor.png"))
+        _settled_screenshot(page, tmp_path / "caption_editor.png")
         assert not list(folder.glob("*.txt.*")) and (folder / "dog_000.txt").read_text() == "a photo of a dog, grass"
 
         # Save writes every changed caption file (and the one that was missing).
