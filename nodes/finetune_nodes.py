@@ -25,8 +25,9 @@ DEFAULT_LEARNING_RATE = 1e-5  # full fine-tunes move every weight: 10x below a L
 MEMORY_TOOLTIP = (
     "Trains every weight of the MODEL's UNet on a copy made for this run only, so the MODEL you connect (and "
     "every other node using it) is not changed. Extra memory beside the loaded model: the copy, its gradients and "
-    "AdamW's two moment buffers, about 4x the UNet (fp32: 16 bytes per weight; SD 1.5: ~14 GB, SDXL: ~41 GB), "
-    "plus activations. Needs fp32 or bf16 weights (ComfyUI on GPU loads fp16 by default: start it with "
+    "AdamW's two moment buffers: at least 4x the UNet (fp32: 16 bytes per weight; SD 1.5: ~14 GB, SDXL: ~41 GB), "
+    "plus activations and the optimizer's temporaries (a LoRA needs a few percent of that). Needs fp32 or bf16 "
+    "weights (ComfyUI on GPU loads fp16 by default: start it with "
     "--fp32-unet or --bf16-unet)."
 )
 
