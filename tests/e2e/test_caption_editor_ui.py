@@ -146,8 +146,10 @@ def test_editor_edits_bulk_replaces_adds_a_trigger_and_saves(comfy, page, tmp_pa
         _settled_screenshot(page, tmp_path / "caption_editor.png")
         assert not list(folder.glob("*.txt.*")) and (folder / "dog_000.txt").read_text() == "a photo of a dog, grass"
 
-        # Save writes every changed caption file (and the one that was missing).
-        editor.locator(".tk-save").click()
+        # Ctrl+S (here from a card) saves every changed caption file (and the one that was missing), and only
+        # the editor sees it: the frontend's own Ctrl+S (save the workflow) opens no dialog.
+        cards.nth(2).focus()
+        page.keyboard.press("Control+s")
         sync_api.expect(status).to_have_text(f"Saved: {UI_IMAGES} caption file(s) written, 0 unchanged.")
         sync_api.expect(counts).to_have_text(f"{UI_IMAGES}/{UI_IMAGES} images · 0 unsaved")
         on_disk = {p.stem: p.read_text(encoding="utf-8") for p in folder.glob("*.txt")}
@@ -156,6 +158,7 @@ def test_editor_edits_bulk_replaces_adds_a_trigger_and_saves(comfy, page, tmp_pa
         assert on_disk["dog_002"] == "tkcap, a photo of a cat, grass" and on_disk["dog_003"] == "tkcap, a cat, snow"
         assert on_disk["dog_005"] == "tkcap"
         assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left
+        assert page.get_by_role("dialog").count() == 0 and page.locator(".comfy-modal:visible").count() == 0
         editor.locator(".tk-close").click()  # saved: closes without asking
         sync_api.expect(editor).to_have_count(0)
         own = errors.keys() - errors.remote_fetches(comfy.url)  # the frontend asking api.comfy.org about the node

@@ -30,6 +30,10 @@ class CaptionWrites:
     unchanged: list[str] = field(default_factory=list)  # images whose caption file already had that text
 
 
+class PathOutsideFolder(TuneKitError):
+    """An image name that leads out of its dataset folder ('..', absolute, or through a symlink)."""
+
+
 def checked_extension(extension: str) -> str:
     """'.txt' for 'txt' or '.txt'; anything that is not a plain file extension raises a DatasetError."""
     extension = extension.strip()
@@ -56,10 +60,6 @@ def image_in_folder(folder: Path, name: str) -> Path:
     if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
         raise DatasetError(f"{name!r} is not an image file of {folder}: reload the list, the file may have moved.")
     return path
-
-
-class PathOutsideFolder(TuneKitError):
-    pass
 
 
 def read_caption_text(path: Path) -> str | None:
