@@ -79,3 +79,14 @@ def test_thumbnails_are_cached_by_path_size_and_mtime(folder, tmp_path):
         thumbnail(folder / "broken.png", cache, 128)
     with pytest.raises(ValueError):
         thumbnail(folder / "a.png", cache, 100)
+
+
+def test_symlinks_in_subfolders_leading_out_are_left_out(folder, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (4, 4)).save(elsewhere / "d.png")
+    (folder / "sub" / "inner").symlink_to(elsewhere)  # a linked folder
+    (folder / "sub" / "e.png").symlink_to(elsewhere / "d.png")  # a linked image
+    (folder / "sub" / "f.png").symlink_to(folder / "a.png")  # a link that stays inside
+    names = [e.image for e in read_folder_captions(folder, recursive=True)]
+    assert names == ["a.png", "b.jpg", "sub/c.png", "sub/f.png"], names

@@ -71,9 +71,9 @@ def read_caption_text(path: Path) -> str | None:
 
 def read_folder_captions(folder: Path, extension: str = ".txt", recursive: bool = False) -> list[CaptionEntry]:
     """Every image of `folder` (sorted; symlinks leading out of it left out) with its caption."""
-    entries = []
+    entries, real_folder, leaves = [], folder.resolve(), {}
     for image in list_images(folder, recursive):
-        if not inside(image, folder):
+        if _leads_out(image, folder, real_folder, leaves):
             continue
         stat = image.stat()
         caption, error = None, ""
@@ -84,6 +84,18 @@ def read_folder_captions(folder: Path, extension: str = ".txt", recursive: bool 
         entries.append(CaptionEntry(image.relative_to(folder).as_posix(), caption or "", caption is not None or bool(error),
                                     stat.st_size, stat.st_mtime_ns, error))
     return entries
+
+
+def _leads_out(image: Path, folder: Path, real_folder: Path, leaves: dict[Path, bool]) -> bool:
+    """True when a symlink (the file or a subfolder) leads out of the folder. Resolving every path costs
+    more than reading 1,000 captions, so only symlinks and each subfolder once are resolved."""
+    if image.is_symlink():
+        return not image.resolve().is_relative_to(real_folder)
+    if image.parent == folder:
+        return False
+    if image.parent not in leaves:
+        leaves[image.parent] = not image.parent.resolve().is_relative_to(real_folder)
+    return leaves[image.parent]
 
 
 def write_captions(folder: Path, captions: Mapping[str, str], extension: str = ".txt") -> CaptionWrites:
