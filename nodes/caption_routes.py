@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..trainer.captions import add_trigger, has_tag, remove_trigger, replace_text, tag_frequency
 from ..trainer.captions.sidecars import (
+    CaptionsChangedOnDisk,
     PathOutsideFolder,
     checked_extension,
     image_in_folder,
@@ -58,10 +59,10 @@ def _flag(params, name: str) -> bool:
     return value.lower() in ("1", "true", "yes") if isinstance(value, str) else bool(value)
 
 
-def _captions(body: dict) -> dict[str, str]:
-    captions = body.get("captions")
+def _captions(body: dict, name: str = "captions") -> dict[str, str]:
+    captions = body.get(name)
     if not isinstance(captions, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in captions.items()):
-        raise BadRequest("'captions' must be an object of image name -> caption text.")
+        raise BadRequest(f"'{name}' must be an object of image name -> caption text.")
     return captions
 
 
@@ -94,6 +95,8 @@ def _answers(handler: Callable) -> Callable:
         except (PathNotAllowed, PathOutsideFolder) as error:
             log.warning("TuneKit caption editor refused %s: %s", request.path_qs, error)
             return web.json_response({"error": str(error)}, status=403)
+        except CaptionsChangedOnDisk as error:
+            return web.json_response({"error": str(error), "images": error.images}, status=409)
         except ImageLoadError as error:
             return web.json_response({"error": str(error)}, status=422)
         except TuneKitError as error:
@@ -129,10 +132,12 @@ async def get_thumbnail(request: web.Request) -> web.StreamResponse:
 
 
 async def save_captions(request: web.Request) -> web.Response:
-    """POST {folder, extension, captions: {image: text}}: writes the caption files whose text changed."""
+    """POST {folder, extension, captions: {image: text}, expected?: {image: text as read}}: writes the caption
+    files whose text changed; 409 (nothing written) when a file no longer holds its `expected` text."""
     body = await _json_body(request)
     folder, extension = _folder(body), checked_extension(body.get("extension", ".txt"))
-    result = await asyncio.to_thread(write_captions, folder, _captions(body), extension)
+    expected = _captions(body, "expected") if "expected" in body else None
+    result = await asyncio.to_thread(write_captions, folder, _captions(body), extension, expected)
     if result.written:
         log.info("TuneKit caption editor wrote %d caption files in %s", len(result.written), folder)
     return web.json_response({"written": result.written, "unchanged": result.unchanged})

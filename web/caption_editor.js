@@ -107,7 +107,8 @@ class CaptionEditor {
     const dirty = this.dirty();
     if (!dirty.length) return this.status("No unsaved changes.");
     try {
-      const result = await call("save", { folder: this.folder, extension: this.extension, captions: this.captions(dirty) });
+      const expected = Object.fromEntries(dirty.map((item) => [item.image, item.saved])); // refused if changed on disk
+      const result = await call("save", { folder: this.folder, extension: this.extension, captions: this.captions(dirty), expected });
       for (const item of dirty) item.saved = item.caption;
       this.status(`Saved: ${result.written.length} caption file(s) written, ${result.unchanged.length} unchanged.`);
       this.refresh();

@@ -164,6 +164,12 @@ def test_save_writes_only_changed_captions_atomically(comfy, dataset):
         "img_0001.png": "changed", "missing.png": "x"}})
     assert code == 400 and (dataset / "img_0001.txt").read_text() == "a dog on grass"
     assert sorted(p.name for p in dataset.iterdir() if p.name.startswith(".")) == []
+    # A file changed on disk since the editor read it is not overwritten: 409, nothing written.
+    (dataset / "img_0001.txt").write_text("edited elsewhere", encoding="utf-8")
+    stale = _json(comfy, save, {"folder": dataset.name, "captions": {"img_0001.png": "mine", "img_0002.png": "dog"},
+                                "expected": {"img_0001.png": "a dog on grass", "img_0002.png": "dog, snow"}}, status=409)
+    assert stale["images"] == ["img_0001.png"] and "changed on disk" in stale["error"]
+    assert (dataset / "img_0001.txt").read_text() == "edited elsewhere" and (dataset / "img_0002.txt").read_text() == "dog, snow"
     # A caption extension of the node (.caption) writes beside the image with that extension.
     _json(comfy, save, {"folder": dataset.name, "extension": "caption", "captions": {"img_0004.png": "other"}})
     assert (dataset / "img_0004.caption").read_text() == "other" and (dataset / "img_0004.txt").exists()

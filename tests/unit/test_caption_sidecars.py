@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from trainer.captions.sidecars import (
+    CaptionsChangedOnDisk,
     PathOutsideFolder,
     checked_extension,
     image_in_folder,
@@ -90,3 +91,13 @@ def test_symlinks_in_subfolders_leading_out_are_left_out(folder, tmp_path):
     (folder / "sub" / "f.png").symlink_to(folder / "a.png")  # a link that stays inside
     names = [e.image for e in read_folder_captions(folder, recursive=True)]
     assert names == ["a.png", "b.jpg", "sub/c.png", "sub/f.png"], names
+
+
+def test_a_caption_changed_on_disk_since_it_was_read_is_not_overwritten(folder):
+    (folder / "a.txt").write_text("written by Auto Caption", encoding="utf-8")
+    with pytest.raises(CaptionsChangedOnDisk, match="changed on disk") as raised:
+        write_captions(folder, {"a.png": "my edit", "sub/c.png": "new"}, expected={"a.png": "sks dog, grass", "sub/c.png": ""})
+    assert raised.value.images == ["a.png"] and not (folder / "sub" / "c.txt").exists()
+    assert (folder / "a.txt").read_text(encoding="utf-8") == "written by Auto Caption"
+    written = write_captions(folder, {"a.png": "my edit"}, expected={"a.png": "written by Auto Caption"}).written
+    assert written == ["a.png"] and (folder / "a.txt").read_text(encoding="utf-8") == "my edit"

@@ -98,19 +98,39 @@ def _leads_out(image: Path, folder: Path, real_folder: Path, leaves: dict[Path, 
     return leaves[image.parent]
 
 
-def write_captions(folder: Path, captions: Mapping[str, str], extension: str = ".txt") -> CaptionWrites:
-    """Write each image's caption file whose text differs, one atomic replace per file. Every name is checked
-    before anything is written, so a bad name writes nothing."""
+def write_captions(folder: Path, captions: Mapping[str, str], extension: str = ".txt",
+                   expected: Mapping[str, str] | None = None) -> CaptionWrites:
+    """Write each image's caption file whose text differs, one atomic replace per file.
+
+    `expected` holds the text each file had when the editor read it ("" for none): a file that changed on
+    disk since (another program, an Auto Caption run) raises CaptionsChangedOnDisk instead of being
+    overwritten. Every name and expectation is checked before anything is written, so one problem writes nothing.
+    """
     targets = [(name, image_in_folder(folder, name).with_suffix(extension), text) for name, text in captions.items()]
+    current = {name: _current_text(path) for name, path, _ in targets}
+    changed = [name for name, text in (expected or {}).items() if name in current and (current[name] or "") != text]
+    if changed:
+        raise CaptionsChangedOnDisk(
+            f"{len(changed)} caption file(s) changed on disk since they were read (e.g. {changed[0]!r}): nothing was "
+            "saved. Reopen the editor to see the new text, then make your edits again.", changed)
     result = CaptionWrites()
     for name, path, text in targets:
-        try:
-            current = read_caption_text(path)
-        except DatasetError:
-            current = None  # not UTF-8: the user's new text replaces it
-        if current == text.rstrip("\r\n"):
+        if current[name] == text.rstrip("\r\n"):
             result.unchanged.append(name)
             continue
         atomic_write(path, lambda temp, text=text: temp.write_text(text, encoding="utf-8"))
         result.written.append(name)
     return result
+
+
+def _current_text(path: Path) -> str | None:
+    try:
+        return read_caption_text(path)
+    except DatasetError:
+        return None  # not UTF-8: the user's new text replaces it
+
+
+class CaptionsChangedOnDisk(TuneKitError):
+    def __init__(self, message: str, images: list[str]):
+        super().__init__(message)
+        self.images = images
