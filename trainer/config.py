@@ -4,10 +4,11 @@ Names follow kohya's sd-scripts where one exists (so a recipe's values carry ove
 flat file saved next to every artefact, `from_toml` reads it back.
 """
 
+import re
 import tomllib
 from dataclasses import asdict, dataclass, fields
 
-from .adapters import TARGET_PRESETS
+from .adapters import ALGORITHMS, TARGET_PRESETS, NetworkSettings
 from .errors import ConfigError
 
 CONFIG_VERSION = 2
@@ -32,6 +33,13 @@ class TrainConfig:
     seed: int = 0
     targets: str = "transformer"
     save_every: int = 0  # 0: save only at the end (and on cancel)
+    # ----- adapter network (trainer/adapters) -----
+    network: str = "lora"  # lora, locon, loha, lokr, dora
+    conv_rank: int = 0  # layers with a 3x3 kernel (kohya conv_dim); 0: rank
+    conv_alpha: float = 0.0  # kohya conv_alpha; 0: alpha
+    target_pattern: str = ""  # a regex over the denoiser's ldm module paths; replaces the targets preset
+    lokr_factor: int = -1  # LoKr's split of each dimension; -1: near its square root
+    init_lora: str = ""  # a kohya / LyCORIS file to continue training from
     # ----- optimizer and schedule -----
     optimizer: str = "adamw"
     weight_decay: float = 0.01
@@ -70,7 +78,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every problem at once, each with the value and how to fix it."""
         return [*self._basic_problems(), *self._optimizer_problems(), *self._loss_problems(), *self._other_problems(),
-                *self._text_encoder_problems()]
+                *self._text_encoder_problems(), *self._network_problems()]
 
     def _basic_problems(self) -> list[str]:
         found = []
@@ -163,6 +171,26 @@ class TrainConfig:
         if self.loss_every < 1:
             found.append(f"loss_every is {self.loss_every}: use at least 1 (10 avoids a device sync per step).")
         return found
+
+    def _network_problems(self) -> list[str]:
+        found = []
+        if self.network not in ALGORITHMS:
+            found.append(f"network is '{self.network}': choose one of {', '.join(ALGORITHMS)}.")
+        if self.conv_rank < 0:
+            found.append(f"conv_rank is {self.conv_rank}: use 0 (same as rank) or a positive rank.")
+        if self.conv_alpha < 0:
+            found.append(f"conv_alpha is {self.conv_alpha}: use 0 (same as alpha) or a positive alpha.")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            found.append(f"lokr_factor is {self.lokr_factor}: use -1 (balanced) or a positive factor such as 8.")
+        try:
+            re.compile(self.target_pattern)
+        except re.error as error:
+            found.append(f"target_pattern '{self.target_pattern}' is not a valid regular expression ({error}): "
+                         r"fix it, e.g. 'attn2\.(to_k|to_v)$', or leave it empty to use targets.")
+        return found
+
+    def network_settings(self) -> NetworkSettings:
+        return NetworkSettings(self.network, self.rank, self.alpha, self.conv_rank, self.conv_alpha, self.lokr_factor)
 
     def _text_encoder_problems(self) -> list[str]:
         found = []

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterNetwork, select_targets
-from .adapters.kohya import lora_metadata, tag_frequency
+from .adapters.kohya import init_tensors, lora_metadata, tag_frequency
 from .checkpoints import TrainState, load_state, save_state, write_config
 from .config import TrainConfig
 from .data import Dataset
@@ -85,9 +85,12 @@ class TrainSession:
 
     # ----- setup -----
     def _build_network(self) -> AdapterNetwork:
-        targets = select_targets(self.bridge.denoiser_modules(), self.config.targets)
+        config, settings = self.config, self.config.network_settings()
+        targets = select_targets(self.bridge.denoiser_modules(), config.targets, config.target_pattern,
+                                 settings.spec.conv_layers)
         if not targets:
-            raise ConfigError([f"targets '{self.config.targets}' matches no layer of this {self.bridge.family.title} model."])
+            chosen = f"target_pattern '{config.target_pattern}'" if config.target_pattern else f"targets '{config.targets}'"
+            raise ConfigError([f"{chosen} matches no layer of this {self.bridge.family.title} model."])
         levels = self.bridge.unet_levels()
         named = {self.bridge.family.kohya_unet_name(path, levels): module for path, module in targets.items()}
         if self.config.text_encoders != "none":
@@ -96,7 +99,10 @@ class TrainSession:
         # torch.manual_seed would also reseed every CUDA device's generator that other nodes sample with.
         with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(self.config.seed)
-            return AdapterNetwork(named, self.config.rank, self.config.alpha).to(self.bridge.device)
+            network = AdapterNetwork(named, settings=settings).to(self.bridge.device)
+        if config.init_lora:
+            network.load_kohya_state_dict(*init_tensors(Path(config.init_lora)))
+        return network
 
     def _build_training_state(self) -> None:
         """Optimizer, LR schedule, loss scaling, EMA, noise schedule and RNG: everything a checkpoint saves."""
@@ -178,7 +184,8 @@ class TrainSession:
         self._last_checkpoint = folder
 
     # Settings a resumed run must share with the saved one: they shape the weights or the optimizer state.
-    RESUME_MUST_MATCH = ("rank", "alpha", "targets", "optimizer", "ema_decay", "mixed_precision")
+    RESUME_MUST_MATCH = ("rank", "alpha", "targets", "network", "conv_rank", "conv_alpha", "target_pattern",
+                         "lokr_factor", "optimizer", "ema_decay", "mixed_precision")
 
     def _check_resumable(self, folder: Path, saved: TrainConfig) -> None:
         differ = [name for name in self.RESUME_MUST_MATCH if getattr(saved, name) != getattr(self.config, name)]

@@ -10,6 +10,8 @@ import safetensors.torch
 import torch
 
 from ..config import TrainConfig
+from ..errors import ConfigError
+from .algorithms import ALGORITHMS
 from ..families import Family
 from ..files import atomic_write
 
@@ -32,10 +34,7 @@ def lora_metadata(
     metadata = {
         "ss_v2": "False",
         "ss_base_model_version": family.base_model_version,
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(config.rank),
-        "ss_network_alpha": str(float(config.alpha)),
-        "ss_network_args": json.dumps({"targets": config.targets}),
+        **network_metadata(config),
         "ss_output_name": output_name,
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_num_train_images": str(num_images),
@@ -139,6 +138,16 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     metadata = {**metadata, **model_hashes(tensors, metadata)}
     contiguous = {key: value.contiguous() for key, value in tensors.items()}
     return atomic_write(path, lambda temp: safetensors.torch.save_file(contiguous, str(temp), metadata))
+
+
+def init_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A LoRA file to continue training from, as fp32 tensors, and how errors name it."""
+    if not path.is_file():
+        raise ConfigError([f"init_lora '{path}' is not a file: pick a .safetensors LoRA (e.g. from models/loras)."])
+    if path.suffix != ".safetensors":
+        raise ConfigError([f"init_lora '{path.name}' is not a .safetensors file: TuneKit continues only safetensors LoRAs."])
+    tensors, _ = load_lora(path)
+    return {key: value.float() for key, value in tensors.items()}, f"init_lora '{path.name}'"
 
 
 def load_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

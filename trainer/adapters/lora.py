@@ -9,28 +9,24 @@ import math
 import torch
 from torch import nn
 
+from .base import AdapterBranch
 
-class LoRABranch(nn.Module):
+
+class LoRABranch(AdapterBranch):
+    """Also LoCon: on a 3x3 convolution the down projection is a 3x3 convolution (kohya's conv_dim)."""
+
     def __init__(self, base: nn.Module, rank: int, alpha: float):
-        super().__init__()
-        self.rank = rank
-        self.alpha = float(alpha)
+        super().__init__(base, rank, alpha)
         if isinstance(base, nn.Conv2d):
             self.down = nn.Conv2d(
                 base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False
             )
             self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        elif isinstance(base, nn.Linear):
+        else:
             self.down = nn.Linear(base.in_features, rank, bias=False)
             self.up = nn.Linear(rank, base.out_features, bias=False)
-        else:
-            raise TypeError(f"LoRA supports Linear and Conv2d layers, not {type(base).__name__}")
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.down.weight.dtype
@@ -52,15 +48,5 @@ class LoRABranch(nn.Module):
                               hidden.reshape(batch, self.rank, -1), alpha=self.scale)
         return fused.view(output.shape)
 
-    def kohya_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return {
-            f"{name}.lora_down.weight": self.down.weight.detach(),
-            f"{name}.lora_up.weight": self.up.weight.detach(),
-            f"{name}.alpha": torch.tensor(self.alpha),
-        }
-
-    def load_kohya_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.down.weight.copy_(tensors[f"{name}.lora_down.weight"])
-            self.up.weight.copy_(tensors[f"{name}.lora_up.weight"])
-            self.alpha = float(tensors[f"{name}.alpha"])
+    def kohya_parameters(self) -> dict[str, nn.Parameter]:
+        return {"lora_down.weight": self.down.weight, "lora_up.weight": self.up.weight}
