@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import folder_paths
 from aiohttp import web
 
 from ..trainer.captions import add_trigger, has_tag, remove_trigger, replace_text, tag_frequency
@@ -18,6 +19,7 @@ from ..trainer.captions.sidecars import (
     CaptionsChangedOnDisk,
     PathOutsideFolder,
     checked_extension,
+    folders_with_images,
     image_in_folder,
     read_folder_captions,
     write_captions,
@@ -102,6 +104,25 @@ def _answers(handler: Callable) -> Callable:
         except TuneKitError as error:
             return web.json_response({"error": str(error)}, status=400)
     return wrapped
+
+
+def _dataset_folders() -> list[dict]:
+    """Folders with images in the input directory (named as the node's `folder` input takes them) and in each
+    configured dataset root (absolute)."""
+    input_dir = Path(folder_paths.get_input_directory()).resolve()
+    found = []
+    for root in route_roots():
+        if not root.is_dir():
+            continue
+        for folder, count in folders_with_images(root):
+            name = folder.relative_to(input_dir).as_posix() if root == input_dir else str(folder)
+            found.append({"folder": name, "images": count})
+    return found
+
+
+async def list_folders(request: web.Request) -> web.Response:
+    """GET: the folders the editor can open, each with its number of images."""
+    return web.json_response({"folders": await asyncio.to_thread(_dataset_folders)})
 
 
 async def list_captions(request: web.Request) -> web.Response:
@@ -191,6 +212,7 @@ def register_caption_routes() -> None:
     if _registered or server is None:
         return
     routes = server.routes
+    routes.get(f"{PREFIX}/folders")(_answers(list_folders))
     routes.get(f"{PREFIX}/list")(_answers(list_captions))
     routes.get(f"{PREFIX}/thumbnail")(_answers(get_thumbnail))
     routes.post(f"{PREFIX}/save")(_answers(save_captions))

@@ -155,6 +155,7 @@ class CaptionEditor {
     this.root.append(
       element("header", {},
         element("strong", {}, `Captions · ${this.folder}`), this.counts,
+        button("Reload", () => this.reload(), "tk-reload"),
         button("Undo", () => this.undo(), "tk-undo"), button("Save", () => this.save(), "tk-save"),
         button("Close", () => this.close(), "tk-close")),
       element("div", { className: "tk-toolbar" },
@@ -175,6 +176,16 @@ class CaptionEditor {
       this.refresh();
       this.root.focus();
     } catch (error) { this.status(`Cannot open ${this.folder}: ${error.message}`, true); }
+  }
+
+  async reload() {
+    const unsaved = this.dirty().length;
+    if (unsaved && !window.confirm(`Reload the captions from disk and discard ${unsaved} unsaved change(s)?`)) return;
+    this.history = [];
+    try {
+      await this.load();
+      this.refresh();
+    } catch (error) { this.status(`Cannot reload ${this.folder}: ${error.message}`, true); }
   }
 
   close() {
@@ -292,12 +303,38 @@ export async function openCaptionEditor(options) {
   return editor;
 }
 
+// The sidebar tab: every folder with images the editor may open (input/ and configured dataset roots).
+async function renderFolderList(container) {
+  ensureStylesheet();
+  const list = element("ul", { className: "tk-folder-list" });
+  const refresh = async () => {
+    try {
+      const { folders } = await call("folders");
+      list.replaceChildren(...folders.map(({ folder, images }) => element("li", {},
+        element("button", { title: `Open ${folder} in the caption editor (.txt captions)`,
+          onclick: () => openCaptionEditor({ folder, extension: ".txt", recursive: false }) },
+        element("span", {}, folder), element("em", {}, `${images} images`)))));
+      if (!folders.length) list.replaceChildren(element("li", {}, "No folder with images in ComfyUI's input directory."));
+    } catch (error) { list.replaceChildren(element("li", { className: "tk-error" }, error.message)); }
+  };
+  container.replaceChildren(element("div", { className: "tunekit-caption-folders" },
+    element("header", {}, element("strong", {}, "Caption editor"), element("button", { onclick: refresh }, "Refresh")),
+    list));
+  await refresh();
+}
+
 function widgetValue(node, name, fallback) {
   return node.widgets?.find((w) => w.name === name)?.value ?? fallback;
 }
 
 app.registerExtension({
   name: "TuneKit.CaptionEditor",
+  setup() {
+    app.extensionManager?.registerSidebarTab?.({
+      id: "tunekit-captions", icon: "pi pi-images", title: "Captions", tooltip: "Captions (TuneKit caption editor)",
+      type: "custom", render: (container) => { renderFolderList(container); },
+    });
+  },
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== DATASET_NODE) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;

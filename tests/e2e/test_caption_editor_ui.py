@@ -3,6 +3,7 @@ driven the way a user edits: the node's button opens it on a generated dataset; 
 bulk-replaced, a trigger word added (undone, added again), the grid filtered by a tag, the unsaved-changes
 warning shown, and Save writes the files checked on disk. Screenshots are kept in the test's tmp_path."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,16 @@ def test_editor_edits_bulk_replaces_adds_a_trigger_and_saves(comfy, page, tmp_pa
         assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp files left
         assert page.get_by_role("dialog").count() == 0 and page.locator(".comfy-modal:visible").count() == 0
         editor.locator(".tk-close").click()  # saved: closes without asking
+        sync_api.expect(editor).to_have_count(0)
+
+        # The sidebar tab lists the input directory's folders with images; one click opens a folder.
+        page.get_by_role("button", name=re.compile(r"^Captions")).first.click()
+        entry = page.locator(".tunekit-caption-folders li button", has_text=folder.name)
+        sync_api.expect(entry).to_contain_text(f"{UI_IMAGES} images")
+        entry.click()
+        sync_api.expect(counts).to_have_text(f"{UI_IMAGES}/{UI_IMAGES} images · 0 unsaved")
+        sync_api.expect(cards.first.locator("textarea")).to_have_value("tkcap, a photo of a brown cat, grass, sunny")
+        editor.locator(".tk-close").click()
         sync_api.expect(editor).to_have_count(0)
         own = errors.keys() - errors.remote_fetches(comfy.url)  # the frontend asking api.comfy.org about the node
         assert not [key for key in own if "tunekit" in " ".join(key).lower()], errors.report()

@@ -110,6 +110,12 @@ def test_paths_outside_the_input_directory_are_refused(comfy, dataset, outside):
     assert not list(comfy.output_dir.rglob("*.txt"))
 
 
+def test_folders_lists_what_the_editor_may_open(comfy, dataset, outside):
+    folders = {f["folder"]: f["images"] for f in _json(comfy, f"{ROUTES}/folders")["folders"]}
+    assert folders[dataset.name] == 5 and folders["tk_captions_links"] == 1, folders  # escape.png leads out
+    assert "tk_link_out" not in folders and not [f for f in folders if str(outside) in f], folders
+
+
 def test_thumbnails_are_made_once_and_cached(comfy, dataset):
     path = _get("thumbnail", folder=dataset.name, image="img_0001.png", size=128)
     code, data, kind = _request(comfy, path)

@@ -98,6 +98,21 @@ def _leads_out(image: Path, folder: Path, real_folder: Path, leaves: dict[Path, 
     return leaves[image.parent]
 
 
+def folders_with_images(root: Path) -> list[tuple[Path, int]]:
+    """`root` and its subfolders (one level, hidden ones and symlinks leading out of `root` left out) that hold
+    images, each with how many it holds directly."""
+    real_root = root.resolve()
+    candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = []
+    for folder in candidates:
+        if not folder.resolve().is_relative_to(real_root):
+            continue
+        count = sum(not _leads_out(image, folder, real_root, {}) for image in list_images(folder))
+        if count:
+            found.append((folder, count))
+    return found
+
+
 def write_captions(folder: Path, captions: Mapping[str, str], extension: str = ".txt",
                    expected: Mapping[str, str] | None = None) -> CaptionWrites:
     """Write each image's caption file whose text differs, one atomic replace per file.
@@ -112,7 +127,7 @@ def write_captions(folder: Path, captions: Mapping[str, str], extension: str = "
     if changed:
         raise CaptionsChangedOnDisk(
             f"{len(changed)} caption file(s) changed on disk since they were read (e.g. {changed[0]!r}): nothing was "
-            "saved. Reopen the editor to see the new text, then make your edits again.", changed)
+            "saved. Press Reload to see the new text, then make your edits again.", changed)
     result = CaptionWrites()
     for name, path, text in targets:
         if current[name] == text.rstrip("\r\n"):
