@@ -1,0 +1,116 @@
+"""The text side end to end in a real ComfyUI: a LoRA on CLIP that reloads through LoraLoader's clip
+strength, and a textual-inversion embedding that the next prompt uses as `embedding:<name>`."""
+
+import re
+
+import pytest
+import safetensors
+import torch
+from PIL import Image
+
+from .test_train_lora import (
+    RED,
+    add_sampling,
+    encode_reference,
+    no_unloaded_lora_keys,
+    saved_latents,
+    solid_folder,
+    tiny_checkpoint,
+    train_graph,
+)
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy):
+    return tiny_checkpoint(comfy, "sd15")
+
+
+@pytest.fixture(scope="module")
+def red_dataset(comfy):
+    return solid_folder(comfy.input_dir, "e2e_red").name
+
+
+def logged_losses(log: str) -> tuple[float, float]:
+    first, last = re.search(r"mean loss first \d+ steps ([\d.]+), last \d+ steps ([\d.]+)", log).groups()
+    return float(first), float(last)
+
+
+def distance(latent: torch.Tensor, target: torch.Tensor) -> float:
+    return (latent - target).pow(2).mean().item()
+
+
+def test_text_encoder_lora_learns_and_its_file_reloads_through_loraloader_clip_strength(comfy, sd15, red_dataset):
+    Image.new("RGB", (64, 64), RED).save(comfy.input_dir / "e2e_red_reference.png")
+    graph = train_graph(sd15, red_dataset, "e2e_te", steps=20, lora_file="e2e_te", text_encoders="all", learning_rate=4e-3,
+                        text_encoder_lr=1e-3)
+    add_sampling(graph, ["train", 0], ["train", 1], "te_trained", steps=4)
+    add_sampling(graph, ["ckpt", 0], ["train", 1], "te_clip_only", steps=4)  # the CLIP output alone
+    add_sampling(graph, ["ckpt", 0], ["ckpt", 1], "te_base", steps=4)
+    encode_reference(graph)
+    mark = comfy.log_mark()
+    latents = saved_latents(comfy, comfy.run(graph, timeout=900))
+    first, last = logged_losses(comfy.log_text(mark))
+    target = latents["reference"]
+    print(f"\nTE LoRA: mean loss first/last 3 steps {first:.4f} -> {last:.4f}; latent distance to the training "
+          f"image: base {distance(latents['te_base'], target):.4f}, trained CLIP only "
+          f"{distance(latents['te_clip_only'], target):.4f}, trained MODEL+CLIP {distance(latents['te_trained'], target):.4f}")
+    assert distance(latents["te_trained"], target) < 0.5 * distance(latents["te_base"], target)
+    assert (latents["te_clip_only"] - latents["te_base"]).abs().max() > 1e-3, "the CLIP output carries no trained encoder"
+
+    path = max((comfy.workdir / "models" / "loras").glob("e2e_te*.safetensors"))
+    with safetensors.safe_open(str(path), "pt") as handle:
+        keys = handle.keys()
+        te_keys = [key for key in keys if key.startswith("lora_te_text_model_encoder_layers_")]
+        metadata = handle.metadata()
+    assert (metadata["ss_network_train_unet_only"], metadata["ss_text_encoder_lr"]) == ("False", "0.001")
+    assert len(te_keys) == 12 * 6 * 3, len(te_keys)  # 12 layers x q/k/v/out/fc1/fc2 x down/up/alpha
+    reload = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15}},
+        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": path.name,
+                                                        "strength_model": 1.0, "strength_clip": 1.0}},
+    }
+    add_sampling(reload, ["lora", 0], ["lora", 1], "te_reloaded", steps=4)
+    mark = comfy.log_mark()
+    reloaded = saved_latents(comfy, comfy.run(reload))["te_reloaded"]
+    no_unloaded_lora_keys(comfy.log_text(mark))
+    print(f"max |in-graph - LoraLoader| = {(reloaded - latents['te_trained']).abs().max().item():.2e}")
+    torch.testing.assert_close(reloaded, latents["te_trained"], rtol=1e-4, atol=1e-4)
+
+
+def sample_prompt(graph, clip, text, prefix):
+    add_sampling(graph, ["ckpt", 0], clip, prefix, steps=4)
+    graph[f"{prefix}_pos"]["inputs"]["text"] = text
+    return graph
+
+
+def test_embedding_learns_and_embedding_name_in_the_next_prompt_equals_the_trained_clip(comfy, sd15, red_dataset):
+    Image.new("RGB", (64, 64), RED).save(comfy.input_dir / "e2e_red_reference.png")
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15}},
+        "data": {"class_type": "TuneKitDatasetFromFolder", "inputs": {
+            "folder": red_dataset, "trigger_word": "tkred", "caption_extension": ".txt", "missing_captions": "error"}},
+        "train": {"class_type": "TuneKitTrainEmbedding", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "dataset": ["data", 0], "name": "tkred",
+            "init_word": "red", "num_vectors": 2, "steps": 16, "learning_rate": 5e-2, "batch_size": 1,
+            "resolution": 64, "seed": 0, "save_every": 0, "resume": False}},
+    }
+    sample_prompt(graph, ["train", 0], "embedding:tkred", "ti_graph")
+    sample_prompt(graph, ["ckpt", 1], "red red", "ti_init")  # the init word's vectors, 2 tokens
+    encode_reference(graph)
+    mark = comfy.log_mark()
+    latents = saved_latents(comfy, comfy.run(graph, timeout=900))
+    log = comfy.log_text(mark)
+    first, last = logged_losses(log)
+    saved = re.search(r"Saved (\S+)\.safetensors: use embedding:(\S+) in a prompt", log).group(2)
+    target = latents["reference"]
+    print(f"\nTI: mean loss first/last 3 steps {first:.4f} -> {last:.4f}; latent distance to the training image: "
+          f"init word {distance(latents['ti_init'], target):.4f}, embedding {distance(latents['ti_graph'], target):.4f}")
+    assert (comfy.workdir / "models" / "embeddings" / f"{saved}.safetensors").is_file()
+    assert (latents["ti_graph"] - latents["ti_init"]).abs().max() > 1e-3, "the embedding did not move"
+
+    reload = sample_prompt({"ckpt": graph["ckpt"]}, ["ckpt", 1], f"embedding:{saved}", "ti_file")
+    mark = comfy.log_mark()
+    from_file = saved_latents(comfy, comfy.run(reload))["ti_file"]
+    assert "does not exist" not in comfy.log_text(mark)
+    print(f"max |trained CLIP - embedding:{saved} from the file| = {(from_file - latents['ti_graph']).abs().max().item():.2e}")
+    torch.testing.assert_close(from_file, latents["ti_graph"], rtol=1e-5, atol=1e-5)
