@@ -118,20 +118,32 @@ class RunSampler:
 
     def __init__(self, bridge, vae, request: MonitorRequest, folder: Path):
         self.bridge, self.vae, self.request, self.folder = bridge, vae, request, folder
+        self._frozen_conditioning = None  # (negative, positives) of the graph's CLIP, encoded once
 
     def __call__(self, step: int) -> list[Path]:
         model, clip = self.bridge.sampling_models()
-        negative = encode_text(clip, self.request.negative_prompt)
+        negative, positives = self._conditioning(clip)
         paths = []
-        for index, prompt in enumerate(self.request.prompts):
+        for index, (prompt, positive) in enumerate(zip(self.request.prompts, positives)):
             comfy.model_management.throw_exception_if_processing_interrupted()
             settings = self.request.sampling
-            pixels = sample_image(model, self.vae, encode_text(clip, prompt), negative, settings, settings.seed)
+            pixels = sample_image(model, self.vae, positive, negative, settings, settings.seed)
             paths.append(self._save(pixels, step, index, prompt))
+        log.info("TuneKit sampled %d prompts at step %d", len(paths), step)
         # Decoding may have made ComfyUI unload the training clone where memory is short: load it back
         # (its injection re-attaches the adapters) before the next step trains.
         comfy.model_management.load_models_gpu([model], force_full_load=True)
         return paths
+
+    def _conditioning(self, clip):
+        """The prompts encoded by the CLIP that samples: once for the graph's frozen CLIP (an encode can cost
+        more than a sample, e.g. fp16 weights on a CPU), every round for a text encoder in training."""
+        if clip is self.bridge.clip and self._frozen_conditioning is not None:
+            return self._frozen_conditioning
+        encoded = encode_text(clip, self.request.negative_prompt), [encode_text(clip, p) for p in self.request.prompts]
+        if clip is self.bridge.clip:
+            self._frozen_conditioning = encoded
+        return encoded
 
     def _save(self, pixels, step: int, index: int, prompt: str) -> Path:
         info = PngInfo()

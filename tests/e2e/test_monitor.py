@@ -19,7 +19,7 @@ PROMPTS = "tkred\na photo of tkred"
 
 
 def monitor_node(validation=None, every=3, **overrides):
-    inputs = {"every": every, "prompts": PROMPTS, "negative_prompt": "", "seed": 5, "steps": 4, "cfg": 1.0,
+    inputs = {"every": every, "prompts": PROMPTS, "negative_prompt": "", "seed": 5, "steps": 2, "cfg": 1.0,
               "sampler_name": "euler", "scheduler": "normal", "width": 64, "height": 64,
               "validation_count": 0, "validation_seed": 0, **overrides}
     if validation:
@@ -58,7 +58,7 @@ def test_samples_and_validation_every_n_steps_leave_the_weights_unchanged(comfy,
     validation_folder = solid_folder(comfy.input_dir, "e2e_monitor_validation", count=2).name
     listener = EventListener(comfy.url)
 
-    graph = train_graph(sd15, train_folder, "e2e_monitor", steps=6, learning_rate=5e-3, lora_file="e2e_monitor")
+    graph = train_graph(sd15, train_folder, "e2e_monitor", steps=4, learning_rate=5e-3, lora_file="e2e_monitor")
     graph["validation"] = {"class_type": "TuneKitDatasetFromFolder", "inputs": {
         "folder": validation_folder, "trigger_word": "tkred", "caption_extension": ".txt", "missing_captions": "error"}}
     graph["monitor"] = monitor_node(["validation", 0])
@@ -69,16 +69,17 @@ def test_samples_and_validation_every_n_steps_leave_the_weights_unchanged(comfy,
     assert entry["status"].get("completed"), entry["status"]
     run_dir = comfy.output_dir / "tunekit" / "e2e_monitor"
 
-    # Samples: both prompts at steps 0, 3 and 6, saved and announced; they move as the LoRA trains.
+    # Samples: both prompts at step 0, every 3 steps and at the last (4), saved and announced; they move as
+    # the LoRA trains.
     samples = sorted((run_dir / "samples").glob("*.png"))
-    assert [p.name for p in samples] == [f"step_{s:06d}_{i:02d}.png" for s in (0, 3, 6) for i in (0, 1)]
-    first, last = (np.asarray(Image.open(run_dir / "samples" / f"step_{s:06d}_00.png"), dtype=np.float32) for s in (0, 6))
+    assert [p.name for p in samples] == [f"step_{s:06d}_{i:02d}.png" for s in (0, 3, 4) for i in (0, 1)]
+    first, last = (np.asarray(Image.open(run_dir / "samples" / f"step_{s:06d}_00.png"), dtype=np.float32) for s in (0, 4))
     change = np.abs(last - first).mean()
-    print(f"\nmean |sample step 6 - sample step 0| = {change:.2f} (of 255)")
+    print(f"\nmean |sample step 4 - sample step 0| = {change:.2f} (of 255)")
     assert first.shape == (64, 64, 3) and change > 0.5
     sent = listener.of("tunekit.sample")
-    assert [event["step"] for event in sent] == [0, 3, 6]
-    assert sent[-1]["images"][0] == {"filename": "step_000006_00.png", "subfolder": "tunekit/e2e_monitor/samples",
+    assert [event["step"] for event in sent] == [0, 3, 4]
+    assert sent[-1]["images"][0] == {"filename": "step_000004_00.png", "subfolder": "tunekit/e2e_monitor/samples",
                                       "type": "output"}
 
     # Validation: logged, announced and in the report.
@@ -86,16 +87,16 @@ def test_samples_and_validation_every_n_steps_leave_the_weights_unchanged(comfy,
         rows = list(csv.DictReader(handle))
     curve = [(int(row["step"]), float(row["validation_loss"])) for row in rows]
     print("validation loss by step:", [(step, round(loss, 4)) for step, loss in curve])
-    assert [step for step, _ in curve] == [0, 3, 6]
+    assert [step for step, _ in curve] == [0, 3, 4]
     assert curve[-1][1] < curve[0][1], "held-out images like the training ones should get easier"
     assert [(e["step"], e["loss"]) for e in listener.of("tunekit.validation")] == curve
     report = entry["outputs"]["train"]["text"][0]
-    assert "validation loss (2 held-out images, fixed noise)" in report and "6 samples at steps 0, 3, 6" in report
+    assert "validation loss (2 held-out images, fixed noise)" in report and "6 samples at steps 0, 3, 4" in report
     print(report)
 
     # The same run without the monitor trains bit-identical weights.
     began = time.monotonic()
-    comfy.run(train_graph(sd15, train_folder, "e2e_monitor_plain", steps=6, learning_rate=5e-3, lora_file="e2e_plain"),
+    comfy.run(train_graph(sd15, train_folder, "e2e_monitor_plain", steps=4, learning_rate=5e-3, lora_file="e2e_plain"),
               timeout=600)
     plain_seconds = time.monotonic() - began
     print(f"workflow with monitor {monitored_seconds:.1f} s, without {plain_seconds:.1f} s")

@@ -61,8 +61,39 @@ SET_WIDGET = """([type, name, value]) => {
 # the server's CSP (--disable-api-nodes) or this closed network blocks that. Such failed remote fetches are
 # reported, not failures: any other new console error is.
 BLOCKED_FETCH = re.compile(r"(?:Connecting to|Refused to connect to) '([^']+)' violates .*Content Security Policy")
+# What the monitor shows on Train LoRA once the run is done: its validation points, its latest sample (loaded
+# from /view) and whether drawing the node (chart and sample) goes through without an error.
+MONITOR_SHOWN = """() => {
+    const node = window.app.graph.nodes.find((n) => n.type === "TuneKitTrainLoRA");
+    const monitor = node.tunekitMonitor;
+    const image = monitor?.samples?.[0];
+    if (!monitor || !image?.complete || !image.naturalWidth) return null;
+    node.onDrawForeground(document.createElement("canvas").getContext("2d"));
+    return { validation: monitor.validation.map(([step]) => step), sampleStep: monitor.sampleStep,
+             sampleSrc: image.src, roomy: node.size[1] >= node.computeSize()[1] + 70 };
+}"""
 GRAPH_NODES = """() => window.app.graph.nodes.map((n) => ({
     id: n.id, type: n.type, comfyClass: n.comfyClass ?? null, hasErrors: !!n.has_errors }))"""
+
+
+def _with_monitor(workflow: dict) -> dict:
+    """The example with a Sample & Validate Settings node on Train LoRA's monitor input (every step, one
+    1-step sample, one held-out image), as a user would add it."""
+    train = next(node for node in workflow["nodes"] if node["type"] == "TuneKitTrainLoRA")
+    node_id, link_id = workflow["last_node_id"] + 1, workflow["last_link_id"] + 1
+    workflow["nodes"].append({
+        "id": node_id, "type": "TuneKitSampleAndValidate", "pos": [60, 600], "size": [320, 400], "flags": {},
+        "order": 0, "mode": 0, "inputs": [],
+        "outputs": [{"name": "monitor", "type": "TUNEKIT_MONITOR", "slot_index": 0, "links": [link_id]}],
+        "properties": {"Node name for S&R": "TuneKitSampleAndValidate"},
+        # every, prompts, negative_prompt, seed, steps, cfg, sampler_name, scheduler, width, height,
+        # validation_count, validation_seed
+        "widgets_values": [1, "tkdemo", "", 0, 1, 1.0, "euler", "normal", 64, 64, 1, 0],
+    })
+    train["inputs"].append({"name": "monitor", "type": "TUNEKIT_MONITOR", "link": link_id})
+    workflow["links"].append([link_id, node_id, 0, train["id"], len(train["inputs"]) - 1, "TUNEKIT_MONITOR"])
+    workflow["last_node_id"], workflow["last_link_id"] = node_id, link_id
+    return workflow
 
 
 def _open_app(page, url: str) -> None:
@@ -181,10 +212,10 @@ def test_example_workflow_drops_in_loads_and_runs_in_the_browser(comfy, demo_fil
         # 3. Drop the example JSON onto the page: no missing node types, every node created with its type.
         baseline = errors.keys()
         errors.phase = "workflow"
-        workflow = json.loads(DEMO.read_text(encoding="utf-8"))
+        workflow = _with_monitor(json.loads(DEMO.read_text(encoding="utf-8")))
         ids = {node["type"]: str(node["id"]) for node in workflow["nodes"]}  # node id by type
         page.evaluate(LOAD_PROBE)
-        missing = _drop_workflow(page, DEMO.name, DEMO.read_text(encoding="utf-8"))
+        missing = _drop_workflow(page, DEMO.name, json.dumps(workflow))
         assert missing == [], f"the frontend reported missing node types: {missing}"
         assert page.locator(".comfy-missing-nodes").count() == 0, "a missing-nodes dialog is open"
         created = {str(node["id"]): node for node in page.evaluate(GRAPH_NODES)}  # 1.58.1 ids are strings
@@ -221,6 +252,10 @@ def test_example_workflow_drops_in_loads_and_runs_in_the_browser(comfy, demo_fil
         status = page.wait_for_function(
             "() => window.app.graph.nodes.find((n) => n.type === 'TuneKitTrainLoRA').tunekitStatus").json_value()
         assert re.fullmatch(rf"step {steps}/{steps} · loss \d+\.\d+", status), status
+        # The monitor's chart and latest sample on Train LoRA (events tunekit.validation / tunekit.sample).
+        shown = page.wait_for_function(MONITOR_SHOWN).json_value()
+        assert shown["validation"] == list(range(steps + 1)) and shown["sampleStep"] == steps, shown
+        assert shown["roomy"] and "step_000002_00.png" in shown["sampleSrc"], shown
 
         # 5. Nothing logged an error the bare page does not log (failed fetches of remote hosts aside),
         #    and nothing of TuneKit's ever did.
