@@ -16,12 +16,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
-import comfy_host as harness  # noqa: E402
+import comfy_host as harness
 
 E2E_DIR = Path(__file__).resolve().parent
 # A test-only custom node reporting global torch state (tests/e2e/probe_node): never shipped.
 PROBE_NODE = {"tunekit_test_probe": E2E_DIR / "probe_node"}
 _LOG_MARK = pytest.StashKey[int]()
+DATASET_ROOT = "dataset_root"  # in the shared server's workdir, listed in its TUNEKIT_DATASET_ROOTS
 
 
 def host_version() -> str:
@@ -49,8 +50,11 @@ def comfy_host() -> "harness.Host":
 @pytest.fixture(scope="session")
 def comfy(comfy_host, tmp_path_factory) -> "harness.ComfyServer":
     """A running ComfyUI with TuneKit linked in as ComfyUI-TuneKit (and the test-only torch-state probe);
-    its folders live in a temp workdir."""
-    server = harness.start_server(comfy_host, tmp_path_factory.mktemp("comfy"), extra_nodes=PROBE_NODE)
+    its folders live in a temp workdir, with `dataset_root/` there configured as an extra dataset root."""
+    workdir = tmp_path_factory.mktemp("comfy")
+    (workdir / DATASET_ROOT).mkdir()
+    server = harness.start_server(comfy_host, workdir, extra_nodes=PROBE_NODE,
+                                  env={"TUNEKIT_DATASET_ROOTS": str(workdir / DATASET_ROOT)})
     yield server
     server.stop()
 

@@ -10,6 +10,8 @@ from urllib.parse import urlencode
 import pytest
 from PIL import Image
 
+from .conftest import DATASET_ROOT
+
 ROUTES = "/tunekit/captions"
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
 REPO = Path(__file__).resolve().parents[2]
@@ -108,6 +110,16 @@ def test_paths_outside_the_input_directory_are_refused(comfy, dataset, outside):
     assert _request(comfy, _get("thumbnail", folder="tk_captions_links", image="inside.png"))[0] == 200
     assert (outside / "img_0000.txt").read_text() == "secret"
     assert not list(comfy.output_dir.rglob("*.txt"))
+
+
+def test_a_configured_dataset_root_is_reachable_and_its_neighbours_are_not(comfy, outside):
+    root = comfy.workdir / DATASET_ROOT
+    make_dataset(root / "set_a", 2)
+    listed = _json(comfy, _get("list", folder=str(root / "set_a")))
+    assert listed["total"] == 2 and listed["folder"] == str((root / "set_a").resolve())
+    assert {"folder": str(root / "set_a"), "images": 2} in _json(comfy, f"{ROUTES}/folders")["folders"]
+    assert _request(comfy, _get("list", folder=str(root) + "_not"))[0] == 403  # a prefix is not a parent
+    assert _request(comfy, _get("list", folder=str(outside)))[0] == 403
 
 
 def test_folders_lists_what_the_editor_may_open(comfy, dataset, outside):
