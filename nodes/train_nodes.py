@@ -8,7 +8,7 @@ import comfy.model_management
 import comfy.sd
 from comfy_api.latest import io, ui
 
-from ..trainer.adapters import TARGET_PRESETS
+from ..trainer.adapters import ALGORITHMS, TARGET_PRESETS
 from ..trainer.adapters.kohya import save_lora
 from ..trainer.checkpoints import latest_state_folder
 from ..trainer.config import TEXT_ENCODER_SETS, TrainConfig
@@ -19,6 +19,7 @@ from .dataset_nodes import DatasetType
 from .host import ComfyHost
 from .lora_type import KohyaLoRA
 from .monitor_nodes import MonitorType, build_monitor, split_for
+from .network_nodes import NetworkType
 from .options_nodes import OptionsType
 from .paths import checked_name, latent_cache_directory, loras_directory, run_directory
 
@@ -83,10 +84,17 @@ class TrainLoRA(io.ComfyNode):
                 MonitorType.Input("monitor", optional=True,
                                   tooltip="From Sample & Validate Settings: samples and validation loss every N steps, "
                                           "shown on this node and saved in the run folder."),
+                io.Combo.Input("network", options=list(ALGORITHMS), default=DEFAULTS.network, optional=True,
+                               tooltip="The adapter algorithm. " + " ".join(
+                                   f"'{name}': {spec.cost}." for name, spec in ALGORITHMS.items())
+                                       + " LoHa, LoKr and DoRA save LyCORIS keys, which ComfyUI and A1111/Forge load."),
                 OptionsType.Input("options", optional=True,
                                   tooltip="From Training Options: optimizer, LR schedule, gradient accumulation, Min-SNR, "
                                           "noise offset, timestep bias, caption dropout, EMA, mixed precision, gradient "
                                           "checkpointing, clip skip. Without it: AdamW at a constant learning rate, fp32."),
+                NetworkType.Input("network_settings", optional=True,
+                                  tooltip="From LoRA Network Settings: conv rank/alpha, a custom target pattern, LoKr's "
+                                          "factor, or a LoRA file to continue training."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The input model with the trained LoRA applied."),
@@ -101,11 +109,11 @@ class TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, run_name, steps, learning_rate, rank, alpha, batch_size,
                 resolution, targets, seed, save_every, resume, text_encoders="none", text_encoder_lr=0.0,
-                text_encoder_2_lr=0.0, monitor=None, options=None):
+                text_encoder_2_lr=0.0, monitor=None, network="lora", network_settings=None, options=None):
         config = TrainConfig(steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, batch_size=batch_size,
                             resolution=resolution, seed=seed, targets=targets, save_every=save_every,
                             text_encoders=text_encoders, text_encoder_lr=text_encoder_lr,
-                            text_encoder_2_lr=text_encoder_2_lr, **(options or {}))
+                            text_encoder_2_lr=text_encoder_2_lr, network=network, **(network_settings or {}), **(options or {}))
         dataset, held_out = split_for(monitor, dataset)
         session, host = _start_session(ComfyModelBridge(model, clip, vae), dataset, config, run_name, resume, cls.hidden.unique_id)
         watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
