@@ -124,6 +124,9 @@ class TrainConfig:
         if self.optimizer == "schedule_free_adamw" and self.lr_scheduler != "constant":
             found.append(f"lr_scheduler is '{self.lr_scheduler}' with optimizer 'schedule_free_adamw', which replaces "
                          f"the schedule: set lr_scheduler to 'constant' (its warmup comes from lr_warmup_steps).")
+        if self.optimizer == "schedule_free_adamw" and self.ema_decay:
+            found.append(f"ema_decay is {self.ema_decay} with optimizer 'schedule_free_adamw', which already averages "
+                         f"its weights: set ema_decay to 0, or pick another optimizer.")
         if self.gradient_accumulation_steps < 1:
             found.append(f"gradient_accumulation_steps is {self.gradient_accumulation_steps}: use 1 (off) or more.")
         if self.max_grad_norm < 0:

@@ -55,8 +55,8 @@ class TrainSession:
         """`trainable`: what to train instead of the LoRA network the config describes (e.g. a
         trainer.finetune.FullFineTune); it has the network's interface: attach/detach, parameters,
         kohya_state_dict/load_kohya_state_dict for resumable states, and optionally param_groups(config)."""
-        config.validate()
-        if found := config.model_problems(bridge.prediction_type, bridge.family.name):
+        # The settings and how they fit the loaded model, all at once.
+        if found := [*config.problems(), *config.model_problems(bridge.prediction_type, bridge.family.name)]:
             raise ConfigError(found)
         if not len(dataset):
             raise DatasetError("The dataset is empty: give the trainer at least one image.")
@@ -263,12 +263,12 @@ class TrainSession:
             self._read_losses(newest=self.step + 1)
             if self.config.loss_every > 1:
                 self._good = self._state(rolled_back=True)
+        rate = self.scheduler.get_last_lr()[0]  # this step's learning rate (the schedule moves on below)
         self._optimizer_step()
         self._step_start = None
         self.step += 1
         latest = self.losses[-1] if self.losses else float("nan")
-        host.emit(StepDone(self.step, self.config.steps, latest, self.scheduler.get_last_lr()[0],
-                           time.perf_counter() - began))
+        host.emit(StepDone(self.step, self.config.steps, latest, rate, time.perf_counter() - began))
 
     def _optimizer_step(self) -> None:
         if self.config.max_grad_norm:

@@ -115,7 +115,7 @@ class FakeBridge:
         self.encoded_images = 0
         self.vae_name = "fake-vae-avgpool8"  # change it to stand for another VAE
         self.clip_skip = 1
-        self.checkpointed_forwards = 0  # block forwards run under gradient checkpointing
+        self.checkpointed_forwards = 0  # checkpointed blocks' inner forwards: forward pass and recomputation
 
     def alphas_cumprod(self):
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
@@ -156,14 +156,14 @@ class FakeBridge:
         frozen.apply(self.denoiser)
         attach()
         blocks = [m for m in self.denoiser.modules() if isinstance(m, SpatialTransformer)] if gradient_checkpointing else []
-        for block in blocks:
-            block.register_forward_pre_hook(self._count_checkpointed)
+        for block in blocks:  # counted inside the block: its recomputation in backward calls proj_in again
+            block.proj_in.register_forward_pre_hook(self._count_checkpointed)
         try:
             with checkpointed(blocks):
                 yield
         finally:
             for block in blocks:
-                block._forward_pre_hooks.clear()
+                block.proj_in._forward_pre_hooks.clear()
             detach()
             frozen.restore()
 
