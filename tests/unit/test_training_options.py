@@ -153,7 +153,9 @@ STATEFUL = dict(steps=20, optimizer="lion", learning_rate=1e-3, lr_scheduler="co
                 max_grad_norm=1.0, loss_every=3, batch_size=2)
 
 
-@pytest.mark.parametrize("changes", [{}, {"optimizer": "adamw8bit", "mixed_precision": "bf16", "learning_rate": 5e-3}],
+# Rank 256: bitsandbytes keeps tensors under 4096 elements in 32 bits; these get 8-bit state.
+@pytest.mark.parametrize("changes", [{}, {"optimizer": "adamw8bit", "mixed_precision": "bf16", "learning_rate": 5e-3,
+                                          "rank": 256, "alpha": 256}],
                          ids=["lion-fp32", "adamw8bit-bf16"])
 def test_twenty_steps_equal_ten_and_a_resumed_ten_bit_for_bit(tmp_path, changes):
     settings = {**STATEFUL, **changes}
@@ -174,6 +176,9 @@ def test_twenty_steps_equal_ten_and_a_resumed_ten_bit_for_bit(tmp_path, changes)
         assert expected.keys() == actual.keys()
         assert all(torch.equal(expected[key], actual[key]) for key in expected), name
     assert straight.losses[10:] == resumed.losses
+    if settings["optimizer"] == "adamw8bit":
+        states = [value for state in resumed.optimizer.state.values() for value in state.values()]
+        assert any(isinstance(value, torch.Tensor) and value.dtype == torch.uint8 for value in states)
     assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
 
 
