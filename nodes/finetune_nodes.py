@@ -1,22 +1,20 @@
 """Fine-tune: a full fine-tune of the loaded MODEL's denoiser through the same TrainSession as Train LoRA,
 saved as a single-file checkpoint (models/checkpoints) that CheckpointLoaderSimple and A1111 load."""
 
-import json
 import logging
 from pathlib import Path
 
 import comfy.model_management
-import comfy.sd
 import folder_paths
 from comfy_api.latest import io, ui
 
 from ..trainer.config import TrainConfig
 from ..trainer.convert.diffusers_folder import single_file_to_diffusers
 from ..trainer.files import unused_path
-from ..trainer.finetune import FullFineTune
 from .bridge import ComfyModelBridge
 from .convert_nodes import _comfy_tokenizer
 from .dataset_nodes import DatasetType
+from .headless import full_finetune, node_run_table, with_weights, write_checkpoint
 from .paths import checked_name
 from .train_nodes import CATEGORY, _log_cancelled, _report, _start_session
 
@@ -99,9 +97,9 @@ def _train(model, clip, vae, dataset, config, run_name, resume, node_id):
     bridge = ComfyModelBridge(model, clip, vae)
     # Copy the weights this MODEL samples with (its own patches applied, e.g. LoRAs from LoraLoader), not
     # whatever clone was loaded last.
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    trainable = FullFineTune(bridge.denoiser_modules()[""], bridge.device)
+    trainable = full_finetune(model, bridge)
     session, host = _start_session(bridge, dataset, config, run_name, resume, node_id, trainable)
+    session.run_toml = node_run_table(session, model, clip, run_name, method="finetune")
     try:
         result = session.run(host)
     except comfy.model_management.InterruptProcessingException:
@@ -114,32 +112,9 @@ def _train(model, clip, vae, dataset, config, run_name, resume, node_id):
     return trainable.trained_weights(device=model.offload_device), _report(session, result.losses), session.step
 
 
-def with_weights(model, weights: dict):
-    """A clone of `model` whose denoiser weights are `weights` ('set' patches: applied when it loads)."""
-    trained = model.clone()
-    trained.add_patches({f"diffusion_model.{name}": ("set", (tensor,)) for name, tensor in weights.items()}, 1.0, 1.0)
-    return trained
-
-
 def _save_checkpoint(model, clip, vae, run_name: str, config: TrainConfig, steps_done: int) -> Path:
     directory = Path(folder_paths.get_folder_paths("checkpoints")[0])
-    path = unused_path(directory / f"{run_name}.safetensors")
-    metadata = {
-        "modelspec.title": path.stem,
-        "tunekit_method": "full_finetune",
-        "tunekit_steps": str(steps_done),
-        "tunekit_config": json.dumps(config.to_dict(), sort_keys=True),
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    # A temporary name that still ends in .safetensors: ComfyUI's writer picks the format by the suffix.
-    temporary = path.with_name(f".{path.stem}.partial.safetensors")
-    try:
-        comfy.sd.save_checkpoint(str(temporary), model, clip, vae, metadata=metadata)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    log.info("TuneKit saved the fine-tuned checkpoint %s", path)
-    return path
+    return write_checkpoint(unused_path(directory / f"{run_name}.safetensors"), model, clip, vae, config, steps_done)
 
 
 FINETUNE_NODES = [FineTune]

@@ -1,8 +1,6 @@
 """Train LoRA and Save LoRA: thin shells over trainer.TrainSession and the kohya writer."""
 
 import logging
-import re
-from pathlib import Path
 
 import comfy.model_management
 import comfy.sd
@@ -10,12 +8,13 @@ from comfy_api.latest import io, ui
 
 from ..trainer.adapters import ALGORITHMS, TARGET_PRESETS
 from ..trainer.adapters.kohya import save_lora
-from ..trainer.checkpoints import latest_state_folder
+from ..trainer.checkpoints import latest_run_state
 from ..trainer.config import TEXT_ENCODER_SETS, TrainConfig
 from ..trainer.files import unused_path
 from ..trainer.session import TrainSession
 from .bridge import ComfyModelBridge
 from .dataset_nodes import DatasetType
+from .headless import node_run_table
 from .host import ComfyHost
 from .lora_type import KohyaLoRA
 from .monitor_nodes import MonitorType, build_monitor, split_for
@@ -116,6 +115,7 @@ class TrainLoRA(io.ComfyNode):
                             text_encoder_2_lr=text_encoder_2_lr, network=network, **(network_settings or {}), **(options or {}))
         dataset, held_out = split_for(monitor, dataset)
         session, host = _start_session(ComfyModelBridge(model, clip, vae), dataset, config, run_name, resume, cls.hidden.unique_id)
+        session.run_toml = node_run_table(session, model, clip, run_name)  # `tunekit train` re-runs its config.toml
         watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
         if watcher:
             session.step_hooks.append(watcher)
@@ -142,7 +142,7 @@ def _log_cancelled(session: TrainSession, run_name: str) -> None:
 
 def _start_session(bridge, dataset, config, run_name, resume, node_id, trainable=None):
     base_dir = run_directory(run_name)
-    previous = _latest_run_state(base_dir)
+    previous = latest_run_state(base_dir)
     if resume and previous:
         session = TrainSession(bridge, dataset, config, previous.parent, latent_cache_directory(), trainable)
         session.resume(previous)
@@ -152,14 +152,6 @@ def _start_session(bridge, dataset, config, run_name, resume, node_id, trainable
             log.info("TuneKit: no saved state for run '%s' yet; starting fresh.", run_name)
         session = TrainSession(bridge, dataset, config, unused_path(base_dir), latent_cache_directory(), trainable)
     return session, ComfyHost(node_id, config.steps)
-
-
-def _latest_run_state(base_dir: Path) -> Path | None:
-    """The newest resumable state of `run_name`, also in its `run_name_N` folders."""
-    pattern = re.compile(re.escape(base_dir.name) + r"(_\d+)?$")
-    folders = [d for d in base_dir.parent.glob(f"{base_dir.name}*") if pattern.match(d.name)] if base_dir.parent.is_dir() else []
-    states = [state for state in map(latest_state_folder, folders) if state]
-    return max(states, key=lambda state: state.stat().st_mtime, default=None)
 
 
 def _report(session: TrainSession, losses: list[float]) -> str:

@@ -6,8 +6,10 @@ plain containers so it loads with `torch.load(weights_only=True)`. Format 1 (bef
 had no scheduler/scaler/EMA/raw weights: it loads as a constant-LR AdamW run, which it was.
 """
 
+import glob
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,15 @@ def write_config(folder: Path, config_toml: str) -> Path:
 def latest_state_folder(run_dir: Path) -> Path | None:
     folders = [folder for folder in _checkpoint_folders(run_dir) if (folder / "state.pt").is_file()]
     return folders[-1] if folders else None
+
+
+def latest_run_state(base_dir: Path) -> Path | None:
+    """The newest resumable state of the run named like `base_dir`, also in its `<name>_N` folders."""
+    pattern = re.compile(re.escape(base_dir.name) + r"(_\d+)?$")
+    folders = [d for d in base_dir.parent.glob(f"{glob.escape(base_dir.name)}*") if pattern.match(d.name)] \
+        if base_dir.parent.is_dir() else []
+    states = [state for state in map(latest_state_folder, folders) if state]
+    return max(states, key=lambda state: state.stat().st_mtime, default=None)
 
 
 def load_state(folder: Path) -> TrainState:

@@ -20,6 +20,7 @@ from .convert.resize import resize_lora_file
 from .convert.tensor_files import TensorSource
 from .convert.unet_names import layout_from_keys
 from .errors import TuneKitError
+from .runfile import read_run_file
 
 log = logging.getLogger("tunekit")
 
@@ -145,7 +146,35 @@ def add_convert_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
-COMMANDS = [add_convert_commands]
+def _train(args) -> str:
+    overrides = {"checkpoint": args.checkpoint, "dataset": args.dataset, "output_dir": args.output, "name": args.name}
+    # Paths given on the command line are relative to the working directory (the file's to the file).
+    run = read_run_file(args.config, {key: str(value.resolve()) if isinstance(value, Path) else value
+                                      for key, value in overrides.items()})
+    # The process entry point reaches the host layer here, and only here: the model is loaded and driven
+    # by ComfyUI's code (nodes/headless.py), which imports `comfy` only once the run file is valid.
+    from ..nodes.headless import train
+
+    return train(run, args.resume, args.comfyui, args.cpu, every=1 if args.verbose else 10)
+
+
+def add_train_commands(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("train", help="train a LoRA headless from a run file (the config.toml Train LoRA writes)",
+                            description="Re-runs a Train LoRA run (or any run file) without a ComfyUI server. Ctrl-C "
+                                        "stops after the current step and keeps a resumable state.")
+    p.add_argument("--config", type=Path, required=True, help="the run file: TrainConfig keys plus a [run] table")
+    p.add_argument("--checkpoint", type=Path, help="overrides [run] checkpoint")
+    p.add_argument("--dataset", type=Path, help="overrides [run] dataset: a folder or a kohya dataset .toml")
+    p.add_argument("--output", type=Path, help="overrides [run] output_dir: the folder that gets the run folder")
+    p.add_argument("--name", help="overrides [run] name")
+    p.add_argument("--resume", action="store_true", help="continue the newest saved state of this run name")
+    p.add_argument("--comfyui", type=Path, help="a ComfyUI folder to import ComfyUI's code from (not needed when "
+                                                "this is ComfyUI's own Python)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU, as ComfyUI's --cpu")
+    p.set_defaults(run=_train)
+
+
+COMMANDS = [add_convert_commands, add_train_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except TuneKitError as error:
         log.error("tunekit: %s", error)
         return 2
+    except KeyboardInterrupt:
+        log.error("tunekit: cancelled")
+        return 130
     return 0
 
 

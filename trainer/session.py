@@ -82,6 +82,8 @@ class TrainSession:
         self._step_start: tuple | None = None  # RNG and batch position before the running step
         self._unread: list[torch.Tensor] = []  # step losses not yet read back to Python
         self._good: TrainState | None = None  # the last state whose losses were all finite (loss_every > 1)
+        # Appended to every saved config.toml: the host's [run] table (trainer/runfile.py), so it re-runs headless.
+        self.run_toml = ""
 
     # ----- setup -----
     def _build_network(self) -> AdapterNetwork:
@@ -423,7 +425,7 @@ class TrainSession:
                 scheduler=copy.deepcopy(self.scheduler.state_dict()),
                 scaler=copy.deepcopy(self.precision.state_dict()),
                 ema=copy.deepcopy(self.ema.state_dict()) if self.ema else None,
-                config_toml=self.config.to_toml(),
+                config_toml=self.config.to_toml() + self.run_toml,
             )
 
     def _save(self, host: Host, partial: bool, state: TrainState | None = None) -> Path | None:

@@ -1,0 +1,234 @@
+"""`tunekit train --config run.toml`: the Train LoRA node's run without a server.
+
+ComfyUI's own loading code used as a library (comfy.sd.load_checkpoint_guess_config) and the same
+ComfyModelBridge and TrainSession as the node; a logging host whose Ctrl-C is the node's Cancel. `comfy`
+is imported only inside `train()`, after --comfyui put a checkout on sys.path, so a Python without it
+gets a message rather than an ImportError; nothing here needs a running ComfyUI (no server, folder_paths
+or comfy_api).
+"""
+
+import json
+import logging
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..trainer.adapters.kohya import save_lora
+from ..trainer.checkpoints import latest_run_state
+from ..trainer.config import TrainConfig
+from ..trainer.data import export_kohya_toml, read_kohya_toml, scan_image_folder, scan_legacy_folders
+from ..trainer.data.folder import is_legacy_layout, list_images
+from ..trainer.errors import TuneKitError
+from ..trainer.events import CheckpointSaved, Event, Notice, StepDone, ValidationLoss
+from ..trainer.files import unused_path
+from ..trainer.finetune import FullFineTune
+from ..trainer.runfile import RunFile, run_table
+from ..trainer.session import TrainSession
+
+log = logging.getLogger("tunekit")
+LOG_EVERY = 10
+
+
+class ConsoleHost:
+    """Progress to the log; the first Ctrl-C asks the session to stop after its step (it saves a resumable
+    state), a second one interrupts at once (the session still keeps the last completed step)."""
+
+    def __init__(self, every: int = LOG_EVERY):
+        self.every, self.stop_requested = every, False
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, StepDone):
+            if event.step % self.every == 0 or event.step == event.total_steps:
+                log.info("step %d/%d loss %.4f (%.2f s/step)", event.step, event.total_steps, event.loss, event.seconds)
+        elif isinstance(event, CheckpointSaved):
+            log.info("saved the %s training state at step %d: %s", "partial" if event.partial else "final",
+                     event.step, event.path)
+        elif isinstance(event, Notice):
+            log.info("%s", event.message)
+        elif isinstance(event, ValidationLoss):
+            log.info("step %d validation loss %.4f", event.step, event.loss)
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+    @contextmanager
+    def ctrl_c_cancels(self):
+        def cancel(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            log.warning("Ctrl-C: stopping after this step and saving a resumable state (Ctrl-C again: at once).")
+
+        previous = signal.signal(signal.SIGINT, cancel)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: bool = False,
+          every: int = LOG_EVERY) -> str:
+    """Train the run; returns the report. A cancelled run raises KeyboardInterrupt after saving its state."""
+    import_comfy(comfyui, cpu)
+    from .bridge import ComfyModelBridge
+
+    dataset = load_dataset(run)
+    log.info("dataset: %s", dataset.summary())
+    model, clip, vae = load_checkpoint(run.checkpoint)
+    bridge, host = ComfyModelBridge(model, clip, vae), ConsoleHost(every)
+    trainable = full_finetune(model, bridge) if run.method == "finetune" else None
+    session = _start_session(bridge, dataset, run, resume, trainable)
+    session.run_toml = run.run_table()
+    with host.ctrl_c_cancels():
+        result = session.run(host)
+    if result.stopped_early:
+        log.warning("cancelled at step %d; state kept in %s. To continue: tunekit train --config %s --resume",
+                    session.step, session.last_checkpoint, run.path)
+        raise KeyboardInterrupt
+    session.save_final(host)
+    if trainable is None:
+        saved = save_run_lora(session, run.name)
+    else:
+        trained = with_weights(model, trainable.trained_weights(device=model.offload_device))
+        saved = write_checkpoint(unused_path(session.run_dir / f"{run.name}.safetensors"), trained, clip, vae,
+                                 session.config, session.step)
+    return _report(result.losses, session.step, saved)
+
+
+def import_comfy(comfyui: Path | None, cpu: bool) -> None:
+    """Make ComfyUI's `comfy` package importable (from `comfyui`, a checkout, where given); `cpu`: as
+    ComfyUI's --cpu, set before its model management picks a device."""
+    if comfyui is not None:
+        if not (comfyui / "comfy" / "sd.py").is_file():
+            raise TuneKitError(f"--comfyui '{comfyui}' is not a ComfyUI folder (it has no comfy/sd.py): give the folder "
+                               f"that holds ComfyUI's main.py.")
+        sys.path.insert(0, str(comfyui.resolve()))
+    try:
+        import comfy.cli_args
+    except ImportError as error:
+        raise TuneKitError(
+            f"tunekit train loads the model with ComfyUI's own code, and this Python ({sys.executable}) cannot import "
+            f"ComfyUI's 'comfy' package ({error}): run it with ComfyUI's Python (the portable build: "
+            f"python_embeded\\python.exe -m tunekit ...), or add --comfyui PATH with the folder of a ComfyUI checkout."
+        ) from error
+    if cpu:
+        comfy.cli_args.args.cpu = True
+
+
+def load_checkpoint(path: Path):
+    """MODEL, CLIP and VAE exactly as ComfyUI's CheckpointLoaderSimple loads them."""
+    import comfy.sd
+
+    try:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)[:3]
+    except RuntimeError as error:
+        raise TuneKitError(f"ComfyUI cannot load the checkpoint {path}: {error}") from error
+    if model is None or clip is None or vae is None:
+        raise TuneKitError(f"{path} lacks a UNet, text encoder or VAE: give a full SD 1.x / SDXL checkpoint.")
+    return model, clip, vae
+
+
+def load_dataset(run: RunFile):
+    """A kohya dataset TOML, or a folder read as the Dataset from Folder node reads it."""
+    if run.dataset.suffix.lower() == ".toml":
+        return read_kohya_toml(run.dataset)
+    if is_legacy_layout(run.dataset) and not list_images(run.dataset, False):
+        return scan_legacy_folders(run.dataset, run.caption_extension, run.trigger_word)
+    return scan_image_folder(run.dataset, run.caption_extension, run.trigger_word)
+
+
+def _start_session(bridge, dataset, run: RunFile, resume: bool, trainable=None) -> TrainSession:
+    config = run.config
+    base_dir = run.output_dir / run.name
+    previous = latest_run_state(base_dir) if resume else None
+    if previous is None:
+        if resume:
+            log.info("no saved state of run '%s' in %s yet: starting fresh.", run.name, run.output_dir)
+        return TrainSession(bridge, dataset, config, unused_path(base_dir), trainable=trainable)
+    session = TrainSession(bridge, dataset, config, previous.parent, trainable=trainable)
+    session.resume(previous)
+    log.info("resuming run '%s' at step %d from %s", run.name, session.step, previous)
+    return session
+
+
+def save_run_lora(session: TrainSession, name: str) -> Path:
+    """The LoRA with its full kohya metadata, in the run folder (never over an existing file)."""
+    path = unused_path(session.run_dir / f"{name}.safetensors")
+    tensors, metadata = session.export(name)
+    save_lora(path, tensors, {**metadata, "ss_output_name": path.stem, "modelspec.title": path.stem})
+    return path
+
+
+def full_finetune(model, bridge) -> FullFineTune:
+    """A training copy of every denoiser weight, made from the weights this MODEL samples with (its own
+    patches applied)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    return FullFineTune(bridge.denoiser_modules()[""], bridge.device)
+
+
+def with_weights(model, weights: dict):
+    """A clone of `model` whose denoiser weights are `weights` ('set' patches: applied when it loads)."""
+    trained = model.clone()
+    trained.add_patches({f"diffusion_model.{name}": ("set", (tensor,)) for name, tensor in weights.items()}, 1.0, 1.0)
+    return trained
+
+
+def write_checkpoint(path: Path, model, clip, vae, config: TrainConfig, steps_done: int) -> Path:
+    """A single-file checkpoint CheckpointLoaderSimple and A1111 load, written by ComfyUI's own writer."""
+    import comfy.sd
+
+    metadata = {
+        "modelspec.title": path.stem,
+        "tunekit_method": "full_finetune",
+        "tunekit_steps": str(steps_done),
+        "tunekit_config": json.dumps(config.to_dict(), sort_keys=True),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary name that still ends in .safetensors: ComfyUI's writer picks the format by the suffix.
+    temporary = path.with_name(f".{path.stem}.partial.safetensors")
+    try:
+        comfy.sd.save_checkpoint(str(temporary), model, clip, vae, metadata=metadata)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    log.info("TuneKit saved the fine-tuned checkpoint %s", path)
+    return path
+
+
+def _report(losses: list[float], steps: int, saved: Path) -> str:
+    if not losses:
+        return f"Nothing left to train: the run is at step {steps}. Saved: {saved}"
+    window = max(1, len(losses) // 4)
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
+    return (f"Trained {steps} steps; mean loss first {window} steps {first:.4f}, last {window} steps {last:.4f}. "
+            f"Saved: {saved}")
+
+
+# ----- what Train LoRA writes so its run re-runs here -----
+
+def node_run_table(session: TrainSession, model, clip, run_name: str, method: str = "lora") -> str:
+    """The [run] table of a graph run: the checkpoint the MODEL came from (where that tells the whole story),
+    the training dataset exported as a kohya TOML into the run folder, and output/tunekit as the folder a
+    re-run's folder goes into (beside this run's, as a second graph run would)."""
+    if session.run_dir is None:
+        return ""
+    dataset = export_kohya_toml(session.dataset, session.run_dir)
+    return run_table(run_name, checkpoint_file(model, clip), dataset, output_dir=session.run_dir.parent, method=method)
+
+
+def checkpoint_file(model, clip) -> Path | None:
+    """The file CheckpointLoaderSimple loaded the MODEL from (newer ComfyUI records it in cached_patcher_init;
+    0.3.x does not), unless other nodes changed it since: a LoRA, a ModelSamplingDiscrete or a CLIP patch would be
+    missing from a headless re-run, so the run file then leaves the checkpoint for the user to give."""
+    init = getattr(model, "cached_patcher_init", None)
+    if not init or getattr(init[0], "__name__", "") != "load_checkpoint_guess_config":
+        return None
+    changed = model.patches or model.object_patches or getattr(clip.patcher, "patches", None)
+    if changed:
+        log.info("TuneKit: the MODEL/CLIP carry changes beyond their checkpoint: the run file leaves [run] "
+                 "checkpoint empty (give --checkpoint to re-run it headless).")
+        return None
+    return Path(init[1][0])

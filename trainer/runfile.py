@@ -1,0 +1,157 @@
+"""The run file: a TOML with everything to re-run a training run headless (`tunekit train --config run.toml`).
+
+The flat TrainConfig keys (what `TrainConfig.to_toml` writes next to every artefact) plus a `[run]` table:
+which checkpoint, which dataset (a folder of images with caption files, or a kohya dataset TOML), where the
+run's folder goes and its name. Train LoRA writes the same file (config.toml in output/tunekit/<run>/ and in
+every step_* folder), so a run started in the graph re-runs headless as is. Relative paths are relative to
+the run file's folder. Everything is checked at once; each problem names its key, the value and the fix.
+"""
+
+import difflib
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import tomllib
+
+from .config import TrainConfig, _toml_value
+from .errors import ConfigError
+
+RUN_TABLE = "run"
+# [run] keys: what each holds, for the messages.
+RUN_KEYS = {
+    "method": "'lora' (Train LoRA) or 'finetune' (Fine-tune: every UNet weight, saved as a checkpoint)",
+    "name": "the run's name (its folder and the LoRA or checkpoint file)",
+    "checkpoint": "the model checkpoint (.safetensors / .ckpt) ComfyUI loads",
+    "dataset": "a folder of images with caption files, or a kohya dataset .toml",
+    "output_dir": "the folder that gets the run folder",
+    "caption_extension": "caption files' extension, for a dataset folder",
+    "trigger_word": "put in front of every caption of a dataset folder",
+}
+METHODS = ("lora", "finetune")
+RUN_DEFAULTS = {"method": "lora", "name": "tunekit_lora", "checkpoint": "", "dataset": "", "output_dir": ".", "caption_extension": ".txt",
+                "trigger_word": ""}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$")
+CONFIG_FIELDS = {field.name: field for field in fields(TrainConfig)}
+
+
+@dataclass(frozen=True)
+class RunFile:
+    path: Path
+    config: TrainConfig
+    method: str
+    name: str
+    checkpoint: Path
+    dataset: Path
+    output_dir: Path
+    caption_extension: str
+    trigger_word: str
+
+    def run_table(self) -> str:
+        """The `[run]` table of this run, absolute paths: written into every config.toml the run saves."""
+        return run_table(self.name, self.checkpoint, self.dataset, self.caption_extension, self.trigger_word,
+                         self.output_dir, self.method)
+
+
+def run_table(name: str, checkpoint: Path | None, dataset: Path | None, caption_extension: str = ".txt",
+              trigger_word: str = "", output_dir: Path | None = None, method: str = "lora") -> str:
+    values = {"method": method, "name": name, "checkpoint": str(checkpoint or ""), "dataset": str(dataset or ""),
+              "caption_extension": caption_extension, "trigger_word": trigger_word}
+    if output_dir is not None:
+        values["output_dir"] = str(output_dir)
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return f"\n[{RUN_TABLE}]  # tunekit train --config <this file> re-runs it headless\n" + "\n".join(lines) + "\n"
+
+
+def read_run_file(path: Path, overrides: dict | None = None) -> RunFile:
+    """The run `path` describes, `overrides` (run keys from the command line) winning; every problem at once."""
+    data = _load(path)
+    run = data.pop(RUN_TABLE, {})
+    problems = [] if isinstance(run, dict) else [f"'{RUN_TABLE}' in {path} must be a table ([{RUN_TABLE}])."]
+    run = run if isinstance(run, dict) else {}
+    problems += _unknown_keys(path, data, CONFIG_FIELDS, "") + _unknown_keys(path, run, RUN_KEYS, f"{RUN_TABLE}.")
+    problems += _config_type_problems(path, data) + _run_type_problems(path, run)
+    if problems:
+        raise ConfigError(problems)
+    config = TrainConfig.from_dict(data)
+    values = {**RUN_DEFAULTS, **run, **{key: value for key, value in (overrides or {}).items() if value is not None}}
+    base = path.parent
+    resolved = {key: _resolve(base, values[key]) for key in ("checkpoint", "dataset", "output_dir")}
+    problems = config.problems() + _run_problems(path, values, resolved)
+    if problems:
+        raise ConfigError(problems)
+    return RunFile(path, config, values["method"], values["name"], resolved["checkpoint"], resolved["dataset"], resolved["output_dir"],
+                   values["caption_extension"], values["trigger_word"])
+
+
+def _load(path: Path) -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError([f"cannot read the run file {path} ({error.strerror or error}): check the --config path."]) from error
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError([f"{path} is not valid TOML ({error}): fix the line it names."]) from error
+
+
+def _unknown_keys(path: Path, table: dict, known, prefix: str) -> list[str]:
+    found = []
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else "remove it (see README: Headless training)"
+            found.append(f"unknown key '{prefix}{key}' in {path}: {hint}")
+    return found
+
+
+def _config_type_problems(path: Path, data: dict) -> list[str]:
+    found = []
+    for key, value in data.items():
+        if key in CONFIG_FIELDS and not _fits(value, type(CONFIG_FIELDS[key].default)):
+            wanted = type(CONFIG_FIELDS[key].default)
+            found.append(f"{key} is {value!r} in {path}: it must be {_type_words(wanted)}, e.g. "
+                         f"{key} = {_toml_value(CONFIG_FIELDS[key].default)}.")
+    return found
+
+
+def _run_type_problems(path: Path, run: dict) -> list[str]:
+    return [f"{RUN_TABLE}.{key} is {value!r} in {path}: it must be a string (in quotes)."
+            for key, value in run.items() if key in RUN_KEYS and not isinstance(value, str)]
+
+
+def _fits(value, wanted: type) -> bool:
+    if wanted is bool or isinstance(value, bool):
+        return isinstance(value, wanted)
+    if wanted is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, wanted)
+
+
+def _type_words(wanted: type) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string (in quotes)"}[wanted]
+
+
+def _resolve(base: Path, text: str) -> Path | None:
+    return (base / Path(text).expanduser()).resolve() if text else None
+
+
+def _run_problems(path: Path, values: dict, resolved: dict) -> list[str]:
+    found = []
+    if values["method"] not in METHODS:
+        found.append(f"{RUN_TABLE}.method is {values['method']!r}: choose one of {', '.join(METHODS)}.")
+    if not SAFE_NAME.match(values["name"]):
+        found.append(f"{RUN_TABLE}.name is {values['name']!r}: use letters, digits, spaces, '_', '-' and '.', "
+                     f"e.g. name = \"my_lora\".")
+    checkpoint, dataset = resolved["checkpoint"], resolved["dataset"]
+    if checkpoint is None:
+        found.append(f"{RUN_TABLE}.checkpoint is not set in {path} ({RUN_KEYS['checkpoint']}): set it there or pass "
+                     f"--checkpoint PATH (a run file from a graph whose MODEL was not loaded straight from a "
+                     f"checkpoint file leaves it empty).")
+    elif not checkpoint.is_file():
+        found.append(f"{RUN_TABLE}.checkpoint is '{checkpoint}', which is not a file: give the checkpoint's path.")
+    if dataset is None:
+        found.append(f"{RUN_TABLE}.dataset is not set in {path} ({RUN_KEYS['dataset']}): set it there or pass --dataset PATH.")
+    elif not (dataset.is_dir() or (dataset.is_file() and dataset.suffix.lower() == ".toml")):
+        found.append(f"{RUN_TABLE}.dataset is '{dataset}': {RUN_KEYS['dataset']} is needed (that path is neither).")
+    if not values["caption_extension"].startswith("."):
+        found.append(f"{RUN_TABLE}.caption_extension is {values['caption_extension']!r}: start it with a dot, e.g. \".txt\".")
+    return found
