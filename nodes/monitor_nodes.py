@@ -107,7 +107,7 @@ def build_monitor(request: MonitorRequest, session, held_out: Dataset | None, va
     validation = None
     if held_out is not None:
         validation = ValidationSet(session.bridge, held_out, session.config.resolution, settings.validation_seed,
-                                   settings.draws, cache_dir)
+                                   settings.draws, cache_dir, text_trains=session.feed.text_trains)
         validation.prepare()
     sampler = RunSampler(session.bridge, vae, request, session.run_dir / SAMPLES_FOLDER) if request.prompts else None
     return Monitor(settings, validation, sampler, session.run_dir)

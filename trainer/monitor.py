@@ -92,10 +92,12 @@ class ValidationSet:
     """Held-out images with fixed noise and timesteps; `loss()` is their mean MSE against the target."""
 
     def __init__(self, bridge: ModelBridge, dataset: Dataset, resolution: int, seed: int, draws: int,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, text_trains: bool = False):
+        """`text_trains`: the session trains a text encoder (or embeddings): captions are encoded again at
+        every evaluation, by the encoder as trained so far."""
         self.bridge, self.seed, self.draws = bridge, seed, draws
         self.plan = plan_dataset(dataset, resolution)
-        self.feed = TrainingFeed(bridge, self.plan, seed, cache_dir)
+        self.feed = TrainingFeed(bridge, self.plan, seed, cache_dir, text_trains=text_trains)
         self.examples: list[Example] = []
         self.noise: list[torch.Tensor] = []
 
@@ -118,6 +120,8 @@ class ValidationSet:
         """Call inside the bridge's training context (adapters attached)."""
         if not self.examples:
             self.prepare()
+        elif self.feed.text_trains:
+            self.examples = self.feed.fixed_examples()
         alphas = self.bridge.alphas_cumprod().cpu()
         timesteps, device, total = self.timesteps(), self.bridge.device, 0.0
         with torch.no_grad():
