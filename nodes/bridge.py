@@ -172,7 +172,10 @@ class ComfyModelBridge:
         comfy.model_management.load_models_gpu(clones, force_full_load=True)
         self._training_model = clones[0]
         try:
-            with checkpointed(_unet_blocks(clones[0].model.diffusion_model) if gradient_checkpointing else []):
+            blocks = _unet_blocks(clones[0].model.diffusion_model) if gradient_checkpointing else []
+            if blocks:
+                log.info("TuneKit: gradient checkpointing on %d UNet blocks", len(blocks))
+            with checkpointed(blocks):
                 yield
         finally:
             self._training_clip = self._training_model = None

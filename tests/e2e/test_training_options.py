@@ -2,6 +2,7 @@
 accumulation learns on the tiny model; the saved file's metadata and the run's config.toml carry the
 options; a setting that contradicts the model is a node error naming the input."""
 
+import re
 import tomllib
 
 import pytest
@@ -70,3 +71,21 @@ def test_a_setting_that_contradicts_the_model_is_a_node_error(comfy, sd15, red_d
     assert "lr_scheduler is 'cosine' with optimizer 'schedule_free_adamw'" in message
     assert "ema_decay is 0.8 with optimizer 'schedule_free_adamw'" in message
     assert "prediction_type is 'v_prediction' but the model predicts 'epsilon'" in message
+
+
+def test_checkpointing_clip_skip_and_bf16_train_comfyuis_unet_and_clip(comfy, sd15, red_dataset):
+    graph = with_options(comfy, train_graph(sd15, red_dataset, "e2e_options_memory", steps=4, lora_file="e2e_options_memory"),
+                         gradient_checkpointing=True, clip_skip=2, mixed_precision="bf16", ema_decay=0.0,
+                         lr_warmup_steps=0, loss_every=1)
+    mark = comfy.log_mark()
+    comfy.run(graph, timeout=900)
+    log = comfy.log_text(mark)
+    blocks = int(log.split("gradient checkpointing on ")[1].split(" UNet blocks")[0])
+    losses = [float(value) for value in re.findall(r"mean loss first 1 steps (\S+), last 1 steps (\S+)\.", log)[0]]
+    print(f"\ncheckpointed UNet blocks: {blocks}; bf16 + clip skip 2 losses first/last {losses}")
+    # The tiny SD1.5: 2 input blocks, the middle one, 2 output blocks (a real SD1.5: 12 + 1 + 12).
+    assert blocks == 5 and all(value == value and value < 10 for value in losses)
+    path = sorted((comfy.workdir / "models" / "loras").glob("e2e_options_memory*.safetensors"))[-1]
+    with safetensors.safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    assert (metadata["ss_gradient_checkpointing"], metadata["ss_clip_skip"], metadata["ss_mixed_precision"]) == ("True", "2", "bf16")
