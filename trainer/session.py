@@ -32,6 +32,7 @@ from .timesteps import sample_timesteps, timestep_weights
 
 log = logging.getLogger(__name__)
 EXPORT_DTYPE = torch.float16
+GOOD_STATE_COPY_LIMIT = 512 * 2**20  # bytes a copy of the last good state may take (LoRAs: a few MB)
 
 
 @dataclass
@@ -205,7 +206,7 @@ class TrainSession:
         try:
             # Hosts may call us under inference mode (ComfyUI runs every node in it).
             with torch.inference_mode(False), torch.enable_grad(), self._determinism(), self._training_model():
-                if self.config.loss_every > 1:
+                if self._keeps_good_states:
                     self._good = self._state()
                 self._call_step_hooks(host)
                 while self.step < self.config.steps:
@@ -263,7 +264,7 @@ class TrainSession:
         self._unread.append(step_loss)
         if self._loss_due():
             self._read_losses(newest=self.step + 1)
-            if self.config.loss_every > 1:
+            if self._keeps_good_states:
                 self._good = self._state(rolled_back=True)
         rate = self.scheduler.get_last_lr()[0]  # this step's learning rate (the schedule moves on below)
         self._optimizer_step()
@@ -443,9 +444,22 @@ class TrainSession:
         host.emit(Notice(f"Training stopped at step {self.step}/{self.config.steps}; resumable state: {folder}"))
         return TrainResult(self.step, True, self.losses, folder)
 
+    @property
+    def _keeps_good_states(self) -> bool:
+        """With loss_every > 1 a NaN is seen late, so each finite read copies the state (the one to save after
+        a NaN). Not for large trainables (a full fine-tune): after their NaN the last saved state stays."""
+        if self.config.loss_every == 1 or self.run_dir is None:
+            return False
+        size = sum(p.numel() * p.element_size() for p in self._trained_parameters())
+        return 3 * size <= GOOD_STATE_COPY_LIMIT  # weights and about two optimizer tensors per weight
+
     def _keep_progress(self, host: Host, diverged: bool = False) -> None:
         """Save the last good state: the last completed step (a half-done one rolled back); after a
-        non-finite loss read late (loss_every > 1), the snapshot at the last finite read."""
+        non-finite loss read late (loss_every > 1), the copy at the last finite read, or if none was
+        kept (a large trainable), nothing new: the last saved state stays."""
+        if diverged and self.config.loss_every > 1 and self._good is None:
+            host.emit(Notice(f"Training diverged; the last saved state is kept: {self._last_checkpoint}"))
+            return
         if self._step_start is not None:
             generator_state, self.order, self.position = self._step_start
             self.generator.set_state(generator_state)

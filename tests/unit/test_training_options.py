@@ -369,3 +369,15 @@ def test_settings_that_contradict_the_model_are_errors():
         make_session(steps=2, zero_terminal_snr=True)
     assert TrainConfig(clip_skip=2).model_problems("epsilon", "sdxl")[0].startswith("clip_skip is 2 on an SDXL")
     make_session(bridge=VPredictionBridge(), steps=1, prediction_type="v_prediction")  # agrees: fine
+
+
+def test_after_a_late_nan_a_large_trainable_keeps_its_last_saved_state(tmp_path, monkeypatch):
+    """No copy of the state at each read for large trainables (a full fine-tune): nothing new is saved."""
+    monkeypatch.setattr("tunekit.trainer.session.GOOD_STATE_COPY_LIMIT", 0)
+    host = RecordingHost()
+    session = make_session(tmp_path, bridge=PoisonedBridge(poison_at=7), steps=12, loss_every=4, save_every=2)
+    with pytest.raises(TrainingDivergedError, match="at step 7"):
+        session.run(host)
+    assert session._good is None
+    assert [folder.name for folder in sorted(tmp_path.glob("step_*"))] == ["step_000004", "step_000006"]
+    assert any("the last saved state is kept" in getattr(event, "message", "") for event in host.events)
