@@ -4,8 +4,15 @@ of the config when Train LoRA runs)."""
 
 from comfy_api.latest import io
 
-from ..trainer.config import (LR_SCHEDULERS, MIXED_PRECISIONS, NUM_TIMESTEPS, OPTIMIZERS, PREDICTION_TYPES,
-                              TIMESTEP_BIAS_STRATEGIES, TrainConfig)
+from ..trainer.config import (
+    LR_SCHEDULERS,
+    MIXED_PRECISIONS,
+    NUM_TIMESTEPS,
+    OPTIMIZERS,
+    PREDICTION_TYPES,
+    TIMESTEP_BIAS_STRATEGIES,
+    TrainConfig,
+)
 
 OptionsType = io.Custom("TUNEKIT_TRAINING_OPTIONS")
 DEFAULTS = TrainConfig()

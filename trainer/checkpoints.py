@@ -92,7 +92,7 @@ def load_state(folder: Path) -> TrainState:
     try:
         extras = torch.load(folder / "state.pt", weights_only=True)
         network = safetensors.torch.load_file(str(folder / "lora.safetensors"))
-    except Exception as error:  # noqa: BLE001 - a truncated or foreign file: say which and what to do
+    except Exception as error:  # a truncated or foreign file: say which and what to do
         raise TuneKitError(
             f"cannot read the training state in {folder} ({type(error).__name__}: {error}). Resume from another "
             f"step_* folder of the run, or start a new run."

@@ -195,8 +195,8 @@ class TrainSession:
         if differ:
             was = ", ".join(f"{name} {getattr(saved, name)!r}" for name in differ)
             raise ConfigError([
-                f"cannot resume {folder}: it was trained with {was}. Use those settings, or a new run name to "
-                f"start fresh."
+                (f"cannot resume {folder}: it was trained with {was}. Use those settings, or a new run name to "
+                 f"start fresh.")
             ])
 
     # ----- training -----

@@ -2,19 +2,29 @@
 accumulation learns on the tiny model; the saved file's metadata and the run's config.toml carry the
 options; a setting that contradicts the model is a node error naming the input."""
 
+import math
 import re
-import tomllib
 
 import pytest
 import safetensors
+import tomllib
 from PIL import Image
 
-from .test_train_lora import (RED, add_sampling, encode_reference, harness, red_dataset, saved_latents,  # noqa: F401
-                              sd15, train_graph)  # sd15, red_dataset: session fixtures
+from .test_train_lora import (  # noqa: F401  (sd15, red_dataset: session fixtures)
+    RED,
+    add_sampling,
+    encode_reference,
+    harness,
+    red_dataset,
+    saved_latents,
+    sd15,
+    train_graph,
+)
 
-OPTIONS = dict(optimizer="lion", weight_decay=0.0, lr_scheduler="cosine", lr_warmup_steps=3, gradient_accumulation_steps=2,
-               max_grad_norm=1.0, min_snr_gamma=5.0, noise_offset=0.05, timestep_bias_strategy="later",
-               timestep_bias_multiplier=1.5, ema_decay=0.8, deterministic=True, loss_every=4)
+OPTIONS = {"optimizer": "lion", "weight_decay": 0.0, "lr_scheduler": "cosine", "lr_warmup_steps": 3,
+           "gradient_accumulation_steps": 2, "max_grad_norm": 1.0, "min_snr_gamma": 5.0, "noise_offset": 0.05,
+           "timestep_bias_strategy": "later", "timestep_bias_multiplier": 1.5, "ema_decay": 0.8, "deterministic": True,
+           "loss_every": 4}
 
 
 def option_defaults(comfy) -> dict:
@@ -46,7 +56,7 @@ def test_train_lora_with_training_options_learns_and_records_them(comfy, sd15, r
     print(comfy.log_text(mark).split("TuneKit: Trained")[-1].split("\n")[0])
     assert trained < 0.9 * base
 
-    path = sorted((comfy.workdir / "models" / "loras").glob("e2e_options*.safetensors"))[-1]
+    path = max((comfy.workdir / "models" / "loras").glob("e2e_options*.safetensors"))
     with safetensors.safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
     expected = {"ss_lr_scheduler": "cosine", "ss_lr_warmup_steps": "3", "ss_min_snr_gamma": "5.0",
@@ -84,8 +94,8 @@ def test_checkpointing_clip_skip_and_bf16_train_comfyuis_unet_and_clip(comfy, sd
     losses = [float(value) for value in re.findall(r"mean loss first 1 steps (\S+), last 1 steps (\S+)\.", log)[0]]
     print(f"\ncheckpointed UNet blocks: {blocks}; bf16 + clip skip 2 losses first/last {losses}")
     # The tiny SD1.5: 2 input blocks, the middle one, 2 output blocks (a real SD1.5: 12 + 1 + 12).
-    assert blocks == 5 and all(value == value and value < 10 for value in losses)
-    path = sorted((comfy.workdir / "models" / "loras").glob("e2e_options_memory*.safetensors"))[-1]
+    assert blocks == 5 and all(math.isfinite(value) and value < 10 for value in losses)
+    path = max((comfy.workdir / "models" / "loras").glob("e2e_options_memory*.safetensors"))
     with safetensors.safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
     assert (metadata["ss_gradient_checkpointing"], metadata["ss_clip_skip"], metadata["ss_mixed_precision"]) == ("True", "2", "bf16")

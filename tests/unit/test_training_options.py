@@ -6,7 +6,8 @@ import sys
 
 import pytest
 import torch
-
+from fakes import FakeBridge
+from helpers import make_session
 from tunekit.trainer.checkpoints import CONFIG_FILE, latest_state_folder, load_state
 from tunekit.trainer.config import LR_SCHEDULERS, OPTIMIZERS, TrainConfig
 from tunekit.trainer.errors import ConfigError, TrainingDivergedError
@@ -16,9 +17,6 @@ from tunekit.trainer.losses import min_snr_weights, snr
 from tunekit.trainer.noise import TERMINAL_ALPHA, is_zero_terminal, rescale_zero_terminal_snr
 from tunekit.trainer.optional import MissingPackage
 from tunekit.trainer.timesteps import sample_timesteps, timestep_weights
-
-from fakes import FakeBridge
-from helpers import make_session
 
 TABLE = torch.tensor([0, 1, 10, 100, 250, 500, 750, 999])
 
@@ -147,10 +145,10 @@ def test_a_missing_optimizer_package_names_the_optimizer_and_the_install_command
 
 # ----- exact resume -----
 
-STATEFUL = dict(steps=20, optimizer="lion", learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=4,
-                ema_decay=0.9, gradient_accumulation_steps=2, min_snr_gamma=5.0, noise_offset=0.1,
-                timestep_bias_strategy="later", timestep_bias_multiplier=2.0, caption_dropout_rate=0.3,
-                max_grad_norm=1.0, loss_every=3, batch_size=2)
+STATEFUL = {"steps": 20, "optimizer": "lion", "learning_rate": 1e-3, "lr_scheduler": "cosine", "lr_warmup_steps": 4,
+            "ema_decay": 0.9, "gradient_accumulation_steps": 2, "min_snr_gamma": 5.0, "noise_offset": 0.1,
+            "timestep_bias_strategy": "later", "timestep_bias_multiplier": 2.0, "caption_dropout_rate": 0.3,
+            "max_grad_norm": 1.0, "loss_every": 3, "batch_size": 2}
 
 
 # Rank 256: bitsandbytes keeps tensors under 4096 elements in 32 bits; these get 8-bit state.
@@ -317,12 +315,12 @@ def test_nan_stops_training_keeps_the_last_good_state_and_names_the_setting(tmp_
 
 # ----- metadata, config file, bad combinations -----
 
-EVERY_OPTION = dict(optimizer="adafactor", weight_decay=0.02, unet_lr=3e-3, lr_scheduler="polynomial",
-                    lr_warmup_steps=1, lr_scheduler_num_cycles=3, lr_scheduler_power=2.0,
-                    gradient_accumulation_steps=2, max_grad_norm=0.5, min_snr_gamma=4.0, noise_offset=0.05,
-                    timestep_bias_strategy="range", timestep_bias_multiplier=1.5, timestep_bias_begin=100,
-                    timestep_bias_end=300, caption_dropout_rate=0.1, ema_decay=0.95, save_ema=False,
-                    mixed_precision="bf16", gradient_checkpointing=True, clip_skip=2, deterministic=True, loss_every=2)
+EVERY_OPTION = {"optimizer": "adafactor", "weight_decay": 0.02, "unet_lr": 3e-3, "lr_scheduler": "polynomial",
+                "lr_warmup_steps": 1, "lr_scheduler_num_cycles": 3, "lr_scheduler_power": 2.0,
+                "gradient_accumulation_steps": 2, "max_grad_norm": 0.5, "min_snr_gamma": 4.0, "noise_offset": 0.05,
+                "timestep_bias_strategy": "range", "timestep_bias_multiplier": 1.5, "timestep_bias_begin": 100,
+                "timestep_bias_end": 300, "caption_dropout_rate": 0.1, "ema_decay": 0.95, "save_ema": False,
+                "mixed_precision": "bf16", "gradient_checkpointing": True, "clip_skip": 2, "deterministic": True, "loss_every": 2}
 
 
 def test_every_option_is_in_the_ss_metadata_and_the_config_file(tmp_path):
