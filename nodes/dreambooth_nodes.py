@@ -61,23 +61,26 @@ class ClassImages(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, class_prompt, negative_prompt, count, seed, steps, cfg, sampler_name,
                 scheduler, width, height):
+        positive, negative = _encode(clip, class_prompt.strip()), _encode(clip, negative_prompt.strip())
         settings = ClassImageSettings(class_prompt.strip(), negative_prompt.strip(), seed, steps, cfg, sampler_name,
-                                      scheduler, width, height, sampling_identity(model, clip, vae))
+                                      scheduler, width, height, sampling_identity(model, vae, positive, negative))
         cache = ClassImageCache(class_images_directory(), settings)
         missing = cache.missing(count)
         if missing:
-            _sample_into(cache, missing, model, clip, vae, cls.hidden.unique_id)
+            _sample_into(cache, missing, model, vae, positive, negative, cls.hidden.unique_id)
         report = (f"{count} class images for '{settings.prompt}': {count - len(missing)} reused, {len(missing)} "
                   f"sampled. Folder: {cache.folder}")
         log.info("TuneKit: %s", report)
         return io.NodeOutput(cache.dataset(count), report, ui=ui.PreviewText(report))
 
 
-def _sample_into(cache: ClassImageCache, indices: list[int], model, clip, vae, node_id) -> None:
+def _encode(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def _sample_into(cache: ClassImageCache, indices: list[int], model, vae, positive, negative, node_id) -> None:
     """Sample and store each missing image at once: a Cancel keeps every finished one for the next run."""
     settings = cache.settings
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(settings.prompt))
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize(settings.negative_prompt))
     progress = comfy.utils.ProgressBar(len(indices) * settings.steps, node_id=node_id)
 
     def step_done(*_):
@@ -97,10 +100,27 @@ def _sample_into(cache: ClassImageCache, indices: list[int], model, clip, vae, n
         cache.store(index, (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy())
 
 
-def sampling_identity(model, clip, vae) -> str:
-    """Digest of the weights that sample: the denoiser, text encoder and VAE as loaded, their patches (LoRAs)
-    applied. Any change of weights, patches or dtype gives another cache folder."""
-    return " ".join(_loaded_weights_digest(patcher) for patcher in (model, clip.patcher, vae.patcher))
+def sampling_identity(model, vae, positive, negative) -> str:
+    """Digest of what samples: the denoiser's and VAE's weights as loaded (their patches, e.g. LoRAs, applied)
+    and the encoded prompts. The text encoder counts through its output: an SD1 checkpoint leaves CLIP's unused
+    text_projection uninitialised, so its weights differ on every load."""
+    conditioning = hashlib.blake2b(digest_size=16)
+    for tensor in _tensors(positive) + _tensors(negative):
+        _update(conditioning, "cond", tensor)
+    return " ".join([_loaded_weights_digest(model), _loaded_weights_digest(vae.patcher), conditioning.hexdigest()])
+
+
+def _tensors(conditioning) -> list[torch.Tensor]:
+    found = []
+    for tensor, extras in conditioning:
+        found.append(tensor)
+        found.extend(value for _, value in sorted(extras.items()) if isinstance(value, torch.Tensor))
+    return found
+
+
+def _update(digest, name: str, tensor: torch.Tensor) -> None:
+    digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+    digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
 
 
 def _loaded_weights_digest(patcher) -> str:
@@ -110,8 +130,7 @@ def _loaded_weights_digest(patcher) -> str:
     comfy.model_management.load_models_gpu([patcher])  # its own patches applied, nobody else's
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(patcher.model.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+        _update(digest, name, tensor)
     patcher._tunekit_digest = (patcher.patches_uuid, digest.hexdigest())
     return patcher._tunekit_digest[1]
 

@@ -134,3 +134,32 @@ def test_train_lora_then_sample_runs_end_to_end(comfy, demo_files):
     train_id = next(i for i, node in prompt.items() if node["class_type"] == "TuneKitTrainLoRA")
     report = " ".join(history["outputs"][train_id]["text"])
     assert f"Trained {prompt[train_id]['inputs']['steps']} steps" in report, report
+
+
+SHORTER = {  # class_type -> inputs that keep the training examples quick on the tiny model
+    "KSampler": {"steps": 2},
+    "TuneKitClassImages": {"count": 2, "steps": 2},
+    "TuneKitFineTune": {"steps": 4},
+    "TuneKitTrainLoRA": {"steps": 4},
+}
+
+
+@pytest.mark.parametrize("name, saved", [("finetune_then_sample", "checkpoints/tunekit_demo_finetune"),
+                                         ("dreambooth_prior_preservation", "loras/tunekit_dreambooth_lora")])
+def test_training_examples_run_end_to_end_shortened(comfy, demo_files, name, saved):
+    workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    prompt = workflow_api.ui_to_api(workflow, comfy.object_info())
+    for node in prompt.values():
+        node["inputs"].update(SHORTER.get(node["class_type"], {}))
+    folder, stem = saved.split("/")
+    before = set((comfy.models_dir / folder).glob("*.safetensors"))
+
+    history = comfy.run(prompt, timeout=600)
+
+    images = [path for path in comfy.output_files(history) if path.suffix == ".png"]
+    assert len(images) == 1 and images[0].name.startswith(f"tunekit_{name.split('_')[0]}"), images
+    assert _png_size(images[0]) == (64, 64)
+    new = sorted(set((comfy.models_dir / folder).glob("*.safetensors")) - before)
+    assert len(new) == 1 and new[0].name.startswith(stem), new
+    texts = " ".join(" ".join(output.get("text", [])) for output in history["outputs"].values())
+    assert "Trained 4 steps" in texts, texts
