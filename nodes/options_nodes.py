@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..trainer.config import (
     LR_SCHEDULERS,
+    MEMORY_MODES,
     MIXED_PRECISIONS,
     NUM_TIMESTEPS,
     OPTIMIZERS,
@@ -91,6 +92,11 @@ OPTION_INPUTS = [
            "GPUs; 'fp16' also, with loss scaling against underflow; 'fp32' on CPUs. Trained weights stay fp32."),
     _bool("gradient_checkpointing", "Recompute each UNet block's activations in the backward pass instead of "
           "keeping them: much less memory, about 30% more time per step."),
+    _combo("memory_mode", MEMORY_MODES,
+           "Before training, estimate the memory the run adds (adapters, optimizer state, activations at this batch "
+           "and resolution) against what the device has free. 'auto': where it does not fit, turn gradient "
+           "checkpointing on, then halve batch_size (raising gradient_accumulation_steps to keep the images per "
+           "step), and say so. 'fit-check': stop before any work with the estimate and what to lower. 'off': no check."),
     _int("clip_skip", 1, 12, "Encode captions from an earlier CLIP layer (2: the penultimate, as many anime models "
          "expect); sample with CLIPSetLastLayer -N to match. SD 1.x/2.x only."),
     _bool("deterministic", "torch's deterministic algorithms during training: bit-identical runs for a seed (CPU ones "

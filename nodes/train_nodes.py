@@ -11,12 +11,14 @@ from ..trainer.adapters.kohya import save_lora
 from ..trainer.checkpoints import latest_run_state
 from ..trainer.config import TEXT_ENCODER_SETS, TrainConfig
 from ..trainer.files import unused_path
+from ..trainer.memory import explained_out_of_memory
 from ..trainer.session import TrainSession
 from .bridge import ComfyModelBridge
 from .dataset_nodes import DatasetType
 from .headless import node_run_table
 from .host import ComfyHost
 from .lora_type import KohyaLoRA
+from .memory_fit import fit_session, out_of_memory_types
 from .monitor_nodes import MonitorType, build_monitor, split_for
 from .network_nodes import NetworkType
 from .options_nodes import OptionsType
@@ -114,13 +116,18 @@ class TrainLoRA(io.ComfyNode):
                             text_encoders=text_encoders, text_encoder_lr=text_encoder_lr,
                             text_encoder_2_lr=text_encoder_2_lr, network=network, **(network_settings or {}), **(options or {}))
         dataset, held_out = split_for(monitor, dataset)
-        session, host = _start_session(ComfyModelBridge(model, clip, vae), dataset, config, run_name, resume, cls.hidden.unique_id)
+        bridge, node_id = ComfyModelBridge(model, clip, vae), cls.hidden.unique_id
+        session, host = _start_session(bridge, dataset, config, run_name, resume, node_id)
+        # Before any work: the run fits the device's free memory, or auto changes settings, or it stops here.
+        session, memory_report = fit_session(session, lambda fitted: _start_session(
+            bridge, dataset, fitted, run_name, resume, node_id)[0])
         session.run_toml = node_run_table(session, model, clip, run_name)  # `tunekit train` re-runs its config.toml
         watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
         if watcher:
             session.step_hooks.append(watcher)
         try:
-            result = session.run(host)
+            with explained_out_of_memory(session, out_of_memory_types()):
+                result = session.run(host)
         except comfy.model_management.InterruptProcessingException:
             _log_cancelled(session, run_name)
             raise
@@ -130,7 +137,8 @@ class TrainLoRA(io.ComfyNode):
         session.save_final(host)
         lora = KohyaLoRA(*session.export(run_name))
         trained_model, trained_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-        report = _report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "")
+        report = _report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "") \
+            + (f" {memory_report}" if memory_report else "")
         log.info("TuneKit: %s", report)
         return io.NodeOutput(trained_model, trained_clip, lora, report, ui=ui.PreviewText(report))
 

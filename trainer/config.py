@@ -16,6 +16,7 @@ CONFIG_VERSION = 2
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "lion", "prodigy", "schedule_free_adamw", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear", "polynomial")
 MIXED_PRECISIONS = ("fp32", "bf16", "fp16")
+MEMORY_MODES = ("auto", "fit-check", "off")  # trainer/memory.py
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
 TEXT_ENCODER_SETS = ("none", "all", "te1", "te2")  # trainer/text_encoders.py
@@ -67,6 +68,7 @@ class TrainConfig:
     save_ema: bool = True  # with EMA on: save (and return) the EMA weights, else the raw ones
     mixed_precision: str = "fp32"
     gradient_checkpointing: bool = False
+    memory_mode: str = "auto"  # trainer/memory.py: auto (fit by checkpointing, then smaller batches), fit-check, off
     clip_skip: int = 1  # 1: the last CLIP layer; 2: the penultimate (CLIPSetLastLayer -2)
     deterministic: bool = False
     loss_every: int = 10  # read the loss back to Python (and check it) every N steps
@@ -173,6 +175,8 @@ class TrainConfig:
             found.append(f"clip_skip is {self.clip_skip}: use 1 (the last layer) to 12; 2 is the usual anime-model value.")
         if self.loss_every < 1:
             found.append(f"loss_every is {self.loss_every}: use at least 1 (10 avoids a device sync per step).")
+        if self.memory_mode not in MEMORY_MODES:
+            found.append(f"memory_mode is '{self.memory_mode}': choose one of {', '.join(MEMORY_MODES)}.")
         return found
 
     def _network_problems(self) -> list[str]:

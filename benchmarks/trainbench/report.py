@@ -17,8 +17,9 @@ def one_line(result: dict) -> str:
     cpu = result.get("median_cpu_s_per_step")
     return (f"{result['median_s_per_step']:.2f} s/step (steps {', '.join(f'{s:.2f}' for s in result['step_seconds'])}), "
             + (f"{cpu:.2f} CPU s/step, " if cpu is not None else "")
-            + f"+{result['peak_rss_train_mb'] - result['rss_loaded_mb']:.0f} MB RSS, "
-            f"{result.get('flops_per_step', 0) / 1e9:.0f} GFLOP/step, load {result['loadavg_end'][0]:.2f}")
+            + f"+{result['peak_rss_train_mb'] - result['rss_loaded_mb']:.0f} MB RSS"
+            + (f" (estimated +{result['estimate_added_mb']:.0f} MB), " if result.get("estimate_added_mb") else ", ")
+            + f"{result.get('flops_per_step', 0) / 1e9:.0f} GFLOP/step, load {result['loadavg_end'][0]:.2f}")
 
 
 def summarise(spec: dict, results: list[dict], ceilings: list[dict], memory_limit_gb: float | None) -> dict:
@@ -49,6 +50,7 @@ def summarise(spec: dict, results: list[dict], ceilings: list[dict], memory_limi
                 rss_loaded_mb=r["rss_loaded_mb"],
                 peak_rss_mb=r["peak_rss_train_mb"],
                 rss_added_mb=r["peak_rss_train_mb"] - r["rss_loaded_mb"],
+                estimate_added_mb=r.get("estimate_added_mb"),
                 peak_vram_mb=r.get("peak_vram_train_mb"),
                 adapted_layers=r.get("adapted_layers"),
                 trainable_params=r.get("trainable_params"),
@@ -82,13 +84,13 @@ def table(summary: dict) -> str:
         f" per CPU-second), threads {spec.get('threads') or 'default'}",
         "",
         "| targets | tool | layers | s/step | img/s | vs TuneKit | CPU s/step | vs TuneKit (CPU) | GFLOP/step | "
-        "% ceiling | % ceiling (CPU) | RSS loaded | peak RSS | added by training | load 1m |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "% ceiling | % ceiling (CPU) | RSS loaded | peak RSS | added by training | estimated | load 1m |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary["rows"]:
         name = LABELS.get(row["tool"], row["tool"])
         if row["status"] != "ok":
-            lines.append(f"| {row['targets']} | {name} | | {row['status'].upper()} | | | | | | | | | | | "
+            lines.append(f"| {row['targets']} | {name} | | {row['status'].upper()} | | | | | | | | | | | | "
                          f"{_fmt(row['load_1min_end'], '{:.2f}')} |")
             continue
         lines.append(
@@ -99,13 +101,15 @@ def table(summary: dict) -> str:
             f"{_fmt(row['ceiling_fraction'] and 100 * row['ceiling_fraction'], '{:.0f}%')} | "
             f"{_fmt(row.get('cpu_ceiling_fraction') and 100 * row['cpu_ceiling_fraction'], '{:.0f}%')} | "
             f"{row['rss_loaded_mb'] / 1024:.2f} GB | {row['peak_rss_mb'] / 1024:.2f} GB | "
-            f"{row['rss_added_mb'] / 1024:.2f} GB | {_fmt(row['load_1min_end'], '{:.2f}')} |"
+            f"{row['rss_added_mb'] / 1024:.2f} GB | {_fmt(row.get('estimate_added_mb') and row['estimate_added_mb'] / 1024, '{:.2f} GB', '')} | "
+            f"{_fmt(row['load_1min_end'], '{:.2f}')} |"
         )
     lines.append("")
     lines.append("vs TuneKit: the tool's s/step over TuneKit's on the same targets (2.00x = takes twice as long). "
                  "CPU s/step: CPU seconds of the tool's process per step (all its threads): what a step costs whatever "
                  "else runs on the machine. % ceiling: counted FLOPs per step / s/step / the GEMM's FLOP/s (CPU: per "
-                 "CPU-second both). Added by training: peak RSS while training minus RSS with the model loaded.")
+                 "CPU-second both). Added by training: peak RSS while training minus RSS with the model loaded. Estimated: "
+                 "what TuneKit's memory check (trainer/memory.py) predicted it would add, before training.")
     return "\n".join(lines)
 
 

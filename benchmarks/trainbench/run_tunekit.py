@@ -7,6 +7,7 @@ encode_images / encode_prompts return the benchmark's shared latents and conditi
 """
 
 import sys
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,7 +23,7 @@ def bench_bridge_class():
         benchmark's fixed inputs: image i is a solid grey of value 10 * (i + 1), caption 'image i'."""
 
         def __init__(self, patcher, latents, context, pooled):
-            super().__init__(patcher, clip=None, vae=None)
+            super().__init__(patcher, clip=types.SimpleNamespace(tokenizer=None), vae=None)  # captions: below
             self.latents, self.context, self.pooled = latents, context, pooled
 
         def encode_images(self, pixels):
@@ -77,6 +78,10 @@ def main() -> None:
         if training_attention():  # the bridge trains with SDPA where ComfyUI only fell back to sub-quadratic
             result["comfy_attention"] = f"attention_pytorch (bridge override of {result.data['comfy_attention']})"
         latents, context, pooled = wc.make_inputs(spec)
+        from tunekit.trainer import memory
+
+        # The estimate's own machinery (torch's fake tensors) loaded before the baseline: not training's memory.
+        memory.trace_step(lambda: torch.ones(2, requires_grad=True).sum(), lambda loss: loss.backward())
         result.phase = "load"
         patcher = wc.build_comfy_model(spec)
         result["model_params"] = wc.count_params(patcher.model.diffusion_model)
@@ -99,6 +104,10 @@ def main() -> None:
         with torch.inference_mode():
             session = TrainSession(bridge, Dataset.from_images(images), config)
             session.prepare(host)
+        estimate = memory.estimate_memory(session)  # what the Train LoRA node checks before training
+        result["memory_estimate"] = {key: value / 2**20 for key, value in vars(estimate).items()
+                                     if isinstance(value, int) and key not in ("batch_size", "gradient_accumulation_steps")}
+        result["estimate_added_mb"] = estimate.added / 2**20
         result["adapted_layers"] = len(session.network.branches)
         result["trainable_params"] = sum(p.numel() for p in session.network.parameters())
         result["settings"] = {
