@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors
+import torch
+from fakes import FakeBridge
+from helpers import solid_dataset
+from tunekit.nodes import headless
 from tunekit.nodes.headless import ConsoleHost
 from tunekit.trainer.cli import main
 from tunekit.trainer.config import TrainConfig
@@ -100,3 +105,33 @@ def test_ctrl_c_asks_to_stop_and_a_second_one_interrupts(caplog):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+class StopAfter(ConsoleHost):
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    def emit(self, event):
+        super().emit(event)
+        self.stop_requested = self.stop_requested or getattr(event, "step", 0) >= self.steps
+
+
+def test_a_stopped_headless_run_resumes_exactly_and_saves_its_lora_with_metadata(run_dir):
+    text = TrainConfig(steps=6, learning_rate=5e-3, rank=4, alpha=4.0, resolution=64, seed=3).to_toml() + VALID_RUN
+    run = read_run_file(write(run_dir, text))
+    straight = headless._start_session(FakeBridge(), solid_dataset(), run, resume=False)
+    straight.run(ConsoleHost())
+
+    stopped = headless._start_session(FakeBridge(), solid_dataset(), run, resume=False)
+    assert stopped.run(StopAfter(2)).stopped_early and stopped.run_dir == run_dir / "demo"
+    resumed = headless._start_session(FakeBridge(), solid_dataset(), run, resume=True)
+    assert resumed.step == 2 and resumed.run_dir == run_dir / "demo"
+    resumed.run(ConsoleHost())
+    expected, actual = straight.network.kohya_state_dict(), resumed.network.kohya_state_dict()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+    path = headless.save_run_lora(resumed, run.name)
+    assert path == run_dir / "demo" / "demo.safetensors"
+    with safetensors.safe_open(str(path), "pt") as handle:
+        assert handle.metadata()["ss_output_name"] == "demo" and handle.metadata()["ss_steps"] == "6"
