@@ -7,6 +7,7 @@ gets a message rather than an ImportError; nothing here needs a running ComfyUI 
 or comfy_api).
 """
 
+import dataclasses
 import json
 import logging
 import signal
@@ -23,6 +24,7 @@ from ..trainer.errors import TuneKitError
 from ..trainer.events import CheckpointSaved, Event, Notice, StepDone, ValidationLoss
 from ..trainer.files import unused_path
 from ..trainer.finetune import FullFineTune
+from ..trainer.memory import explained_out_of_memory
 from ..trainer.runfile import RunFile, run_table
 from ..trainer.session import TrainSession
 
@@ -72,6 +74,7 @@ def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: 
     """Train the run; returns the report. A cancelled run raises KeyboardInterrupt after saving its state."""
     import_comfy(comfyui, cpu)
     from .bridge import ComfyModelBridge
+    from .memory_fit import fit_session, out_of_memory_types
 
     dataset = load_dataset(run)
     log.info("dataset: %s", dataset.summary())
@@ -79,8 +82,11 @@ def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: 
     bridge, host = ComfyModelBridge(model, clip, vae), ConsoleHost(every)
     trainable = full_finetune(model, bridge) if run.method == "finetune" else None
     session = _start_session(bridge, dataset, run, resume, trainable)
+    if trainable is None:  # as Train LoRA: the run fits the free memory, or 'auto' changes settings, or it stops
+        session = fit_session(session, lambda fitted: _start_session(
+            bridge, dataset, dataclasses.replace(run, config=fitted), resume))[0]
     session.run_toml = run.run_table()
-    with host.ctrl_c_cancels():
+    with host.ctrl_c_cancels(), explained_out_of_memory(session, out_of_memory_types()):
         result = session.run(host)
     if result.stopped_early:
         log.warning("cancelled at step %d; state kept in %s. To continue: tunekit train --config %s --resume",
