@@ -14,7 +14,8 @@ from tunekit.trainer.data import Augment, BucketSettings, CaptionOptions, Datase
 from tunekit.trainer.data.buckets import Assignment
 from tunekit.trainer.data.transforms import crop_to_bucket, random_crop
 from tunekit.trainer.host import NullHost
-from tunekit.trainer.session import TrainSession, weighted_mse
+from tunekit.trainer.losses import per_sample_mse
+from tunekit.trainer.session import TrainSession
 
 from fakes import FakeBridge
 from test_training import RecordingHost
@@ -50,11 +51,10 @@ def test_batches_never_mix_buckets_and_an_epoch_covers_every_repeat(tmp_path):
     assert sorted(s.plan.bucket_counts().items()) == [((64, 256), 4), ((128, 128), 4), ((256, 64), 4)]
     assert s.steps_per_epoch == 6
     seen = []
-    for _ in range(s.steps_per_epoch):
-        batch = s._next_batch()
+    for number in range(s.steps_per_epoch):
+        batch = s._next_batch(number)
         assert len({tuple(example.latent.shape) for example in batch}) == 1
         seen.extend(s.order[s.position - 1])
-        s.step += 1
     assert sorted(seen) == sorted(list(range(6)) * 2)
 
 
@@ -181,6 +181,6 @@ def test_masks_and_prior_loss_weight_weight_the_loss():
     assert example.mask.shape == (1, 8, 8) and example.mask[0, :, :4].min() == 1 and example.mask[0, :, 4:].max() == 0
     prediction, target = torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8)
     target[..., 4:] = 100  # errors under the mask's zeros do not count
-    assert weighted_mse(prediction, target, [example]).item() == pytest.approx(0.5)
+    assert per_sample_mse(prediction, target, example.mask[None]).item() == pytest.approx(0.5)
     example.weight = 0.25
-    assert weighted_mse(prediction, target, [example]).item() == pytest.approx(0.125)
+    assert s._loss_weights([example], torch.tensor([500])).tolist() == [0.25]
