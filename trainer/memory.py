@@ -268,7 +268,8 @@ def _trace_session_step(session, batch: int, size: tuple[int, int], checkpointin
     """One step of the session's model on a synthetic batch of `size`, counted on fake tensors."""
     bridge, network = session.bridge, session.network
     with torch.inference_mode(False):
-        prompt = bridge.encode_prompts([""])[0]  # real: the text encoders' output shapes
+        # Real: the text encoders' output shapes (one caption of the run; cheap beside a step).
+        prompt = bridge.encode_prompts([session.dataset.images[0].caption])[0]
     width, height = size
     channels = getattr(bridge.family, "latent_channels", 4)
     latent_shape = (batch, channels, height // LATENT_FACTOR, width // LATENT_FACTOR)
