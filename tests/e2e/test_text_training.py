@@ -51,7 +51,7 @@ def test_text_encoder_lora_learns_and_its_file_reloads_through_loraloader_clip_s
     latents = saved_latents(comfy, comfy.run(graph, timeout=2400))
     first, last = logged_losses(comfy.log_text(mark))
     target = latents["reference"]
-    print(f"\nTE LoRA: mean loss first/last 3 steps {first:.4f} -> {last:.4f}; latent distance to the training "
+    print(f"\nTE LoRA: loss of the first -> last logged window {first:.4f} -> {last:.4f}; latent distance to the training "
           f"image: base {distance(latents['te_base'], target):.4f}, trained CLIP only "
           f"{distance(latents['te_clip_only'], target):.4f}, trained MODEL+CLIP {distance(latents['te_trained'], target):.4f}")
     assert distance(latents["te_trained"], target) < distance(latents["te_base"], target)
@@ -103,7 +103,7 @@ def test_embedding_learns_and_embedding_name_in_the_next_prompt_equals_the_train
     first, last = logged_losses(log)
     saved = re.search(r"Saved (\S+)\.safetensors: use embedding:(\S+) in a prompt", log).group(2)
     target = latents["reference"]
-    print(f"\nTI: mean loss first/last 3 steps {first:.4f} -> {last:.4f}; latent distance to the training image: "
+    print(f"\nTI: loss of the first -> last logged window {first:.4f} -> {last:.4f}; latent distance to the training image: "
           f"init word {distance(latents['ti_init'], target):.4f}, embedding {distance(latents['ti_graph'], target):.4f}")
     assert (comfy.workdir / "models" / "embeddings" / f"{saved}.safetensors").is_file()
     assert (latents["ti_graph"] - latents["ti_init"]).abs().max() > 1e-3, "the embedding did not move"
