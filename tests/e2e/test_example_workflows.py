@@ -141,11 +141,13 @@ SHORTER = {  # class_type -> inputs that keep the training examples quick on the
     "TuneKitClassImages": {"count": 2, "steps": 2},
     "TuneKitFineTune": {"steps": 4},
     "TuneKitTrainLoRA": {"steps": 4},
+    "TuneKitTrainEmbedding": {"steps": 4},
 }
 
 
 @pytest.mark.parametrize("name, saved", [("finetune_then_sample", "checkpoints/tunekit_demo_finetune"),
-                                         ("dreambooth_prior_preservation", "loras/tunekit_dreambooth_lora")])
+                                         ("dreambooth_prior_preservation", "loras/tunekit_dreambooth_lora"),
+                                         ("textual_inversion", "embeddings/tkdemo")])
 def test_training_examples_run_end_to_end_shortened(comfy, demo_files, name, saved):
     workflow = json.loads((REPO / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
     prompt = workflow_api.ui_to_api(workflow, comfy.object_info())
