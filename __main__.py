@@ -1,7 +1,7 @@
-"""`python -m tunekit ...`: the headless command line (trainer/cli.py)."""
+"""`python -m tunekit ...`: the headless command line (cli.py)."""
 
 import sys
 
-from .trainer.cli import main
+from .cli import main
 
 sys.exit(main())

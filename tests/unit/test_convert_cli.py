@@ -9,7 +9,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from tunekit.trainer.cli import main
+from tunekit.cli import main
 
 from convert_fixtures import add_lora, kohya_sd1, mini_checkpoint, small_checkpoint
 

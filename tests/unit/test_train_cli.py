@@ -16,7 +16,7 @@ from fakes import FakeBridge
 from helpers import solid_dataset
 from tunekit.nodes import headless
 from tunekit.nodes.headless import ConsoleHost
-from tunekit.trainer.cli import main
+from tunekit.cli import main
 from tunekit.trainer.config import TrainConfig
 from tunekit.trainer.errors import ConfigError
 from tunekit.trainer.runfile import read_run_file, run_table

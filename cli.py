@@ -9,18 +9,18 @@ import logging
 import sys
 from pathlib import Path
 
-from .convert.arch import ARCHS
-from .convert.checkpoint import EMA_MODES, PRECISIONS, CheckpointOptions, convert_checkpoint
-from .convert.diffusers_folder import diffusers_to_single_file, single_file_to_diffusers
-from .convert.extract import ExtractOptions, extract_lora_file
-from .convert.lora_file import convert_lora_file
-from .convert.lora_keys import FORMATS
-from .convert.merge import LoraToMerge, merge_loras
-from .convert.resize import resize_lora_file
-from .convert.tensor_files import TensorSource
-from .convert.unet_names import layout_from_keys
-from .errors import TuneKitError
-from .runfile import read_run_file
+from .trainer.convert.arch import ARCHS
+from .trainer.convert.checkpoint import EMA_MODES, PRECISIONS, CheckpointOptions, convert_checkpoint
+from .trainer.convert.diffusers_folder import diffusers_to_single_file, single_file_to_diffusers
+from .trainer.convert.extract import ExtractOptions, extract_lora_file
+from .trainer.convert.lora_file import convert_lora_file
+from .trainer.convert.lora_keys import FORMATS
+from .trainer.convert.merge import LoraToMerge, merge_loras
+from .trainer.convert.resize import resize_lora_file
+from .trainer.convert.tensor_files import TensorSource
+from .trainer.convert.unet_names import layout_from_keys
+from .trainer.errors import TuneKitError
+from .trainer.runfile import read_run_file
 
 log = logging.getLogger("tunekit")
 
@@ -153,7 +153,7 @@ def _train(args) -> str:
                                       for key, value in overrides.items()})
     # The process entry point reaches the host layer here, and only here: the model is loaded and driven
     # by ComfyUI's code (nodes/headless.py), which imports `comfy` only once the run file is valid.
-    from ..nodes.headless import train
+    from .nodes.headless import train
 
     return train(run, args.resume, args.comfyui, args.cpu, every=1 if args.verbose else 10)
 
