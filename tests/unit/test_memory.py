@@ -18,7 +18,7 @@ from tunekit.trainer.frozen import FrozenBase
 from tunekit.trainer.host import NullHost
 
 HERE = Path(__file__).resolve().parent
-COMFY_HOST = Path(sys.executable).resolve().parents[2]  # the test venv is a ComfyUI host's (tools/comfy_host.py)
+COMFY_HOST = Path(sys.prefix).parent  # the test venv is a ComfyUI host's (tools/comfy_host.py)
 TOLERANCE = 0.25
 
 
