@@ -36,6 +36,9 @@ BUTTON_POINT = """(label) => {
     const rect = window.app.canvas.canvas.getBoundingClientRect();
     return [rect.left + x, rect.top + top];
 }"""
+# Whether a click at this page point reaches the graph canvas: for a moment after a workflow loads, the
+# frontend's loading mask (PrimeVue BlockUI) fades out over the whole page and takes any click there.
+CANVAS_AT = "([x, y]) => document.elementFromPoint(x, y) === window.app.canvas.canvas"
 
 
 def _ui_dataset(folder: Path) -> None:
@@ -54,6 +57,13 @@ def _ui_dataset(folder: Path) -> None:
         if index != 5:
             caption = "a photo of a dog, grass" if index % 2 == 0 else "a dog, snow"
             (folder / f"dog_{index:03d}.txt").write_text(caption, encoding="utf-8")
+
+
+def _click_canvas(page, point: list[float]) -> None:
+    """A user's click at a point of the graph canvas once nothing covers it there (a locator's click waits
+    for that itself; the mouse clicks wherever it is told)."""
+    page.wait_for_function(CANVAS_AT, arg=point)
+    page.mouse.click(*point)
 
 
 def _settled_screenshot(tab, path: Path) -> None:
@@ -90,7 +100,7 @@ def test_editor_edits_bulk_replaces_adds_a_trigger_and_saves(comfy, page, tmp_pa
         assert _drop_workflow(page, "captions.json", json.dumps(_one_node_workflow(folder.name))) == []
 
         # The node's button opens the editor: the first page of the grid, every image counted, tags listed.
-        page.mouse.click(*page.evaluate(BUTTON_POINT, "Edit captions"))
+        _click_canvas(page, page.evaluate(BUTTON_POINT, "Edit captions"))
         sync_api.expect(counts).to_have_text(f"{UI_IMAGES}/{UI_IMAGES} images · 0 unsaved")
         sync_api.expect(cards).to_have_count(48)
         sync_api.expect(editor.locator(".tk-tags li").first).to_contain_text("a dog")
