@@ -1,6 +1,7 @@
 """The caption editor's routes on a real ComfyUI server, over HTTP: listing, thumbnails, bulk operations, tag
 counts and saving; every path kept inside the input directory (403 otherwise). The editor itself in a
 browser: test_caption_editor_ui.py."""
+import io
 import json
 import urllib.error
 import urllib.request
@@ -128,19 +129,25 @@ def test_folders_lists_what_the_editor_may_open(comfy, dataset, outside):
     assert "tk_link_out" not in folders and not [f for f in folders if str(outside) in f], folders
 
 
-def test_thumbnails_are_made_once_and_cached(comfy, dataset):
-    path = _get("thumbnail", folder=dataset.name, image="img_0001.png", size=128)
+def test_thumbnails_are_made_once_and_cached(comfy):
+    # An image larger than the size asked, so that the preview is scaled down. The cache is the server's,
+    # shared with every other test's thumbnails (the editor's browser test makes 192x144 ones of size 256):
+    # only the file this request made is looked at.
+    folder = comfy.input_dir / "tk_captions_thumbs"
+    make_dataset(folder, 1, size=(300, 200))
+    cache = comfy.user_dir / "tunekit" / "cache" / "thumbnails"
+    before = set(cache.rglob("*.webp"))
+    path = _get("thumbnail", folder=folder.name, image="img_0000.png", size=128)
     code, data, kind = _request(comfy, path)
     assert code == 200 and kind == "image/webp", (code, kind)
-    cache = comfy.user_dir / "tunekit" / "cache" / "thumbnails"
-    made = {p: p.stat().st_mtime_ns for p in cache.rglob("*.webp")}
-    assert made
-    with Image.open(next(iter(made))) as thumb:
-        assert max(thumb.size) <= 128
+    made = {p: p.stat().st_mtime_ns for p in set(cache.rglob("*.webp")) - before}
+    assert len(made) == 1 and next(iter(made)).read_bytes() == data, made
+    with Image.open(io.BytesIO(data)) as thumb:
+        assert thumb.size == (128, 85), thumb.size  # 128 on the long side, the aspect kept
     assert _request(comfy, path)[1] == data  # served again from the cache, not remade
-    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.webp")} == made
-    assert "size" in _json(comfy, _get("thumbnail", folder=dataset.name, image="img_0001.png", size=100), status=400)["error"]
-    assert _request(comfy, _get("thumbnail", folder=dataset.name, image="img_0001.txt"))[0] == 400
+    assert {p: p.stat().st_mtime_ns for p in set(cache.rglob("*.webp")) - before} == made
+    assert "size" in _json(comfy, _get("thumbnail", folder=folder.name, image="img_0000.png", size=100), status=400)["error"]
+    assert _request(comfy, _get("thumbnail", folder=folder.name, image="img_0000.txt"))[0] == 400
 
 
 def test_bulk_operations_and_tag_counts_change_nothing_on_disk(comfy, dataset):
