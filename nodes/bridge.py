@@ -72,7 +72,8 @@ class ComfyModelBridge:
         self._dtype = base.manual_cast_dtype or base.get_dtype()
         self._training_clip = None  # the CLIP clone the text encoders train on, inside training(text=True)
         self._training_model = None  # the loaded MODEL clone that trains, inside training()
-        self._tokenizer = clip.tokenizer  # with trained embeddings once use_embeddings() is called
+        # with trained embeddings once use_embeddings() is called; None: a bridge for the denoiser alone
+        self._tokenizer = clip.tokenizer if clip is not None else None
         self._embedding_names: list[str] = []
 
     @property

@@ -21,8 +21,8 @@ IMPORT_LINE = re.compile(r"^\S*\s*(\d+\.\d+) seconds( \(IMPORT FAILED\))?: (.*Co
 # Hidden from the host in the optional-packages test (as if never installed): every package TuneKit registers
 # as optional, and those training extensions commonly reach for. bitsandbytes is "installed but broken": a
 # package with its metadata whose import raises OSError, as it does without its CUDA libraries.
-HIDDEN = sorted({*OPTIONAL_PACKAGES, "onnxruntime", "diffusers", "peft", "xformers", "accelerate", "tomli"})
 BROKEN = "bitsandbytes"
+HIDDEN = sorted({*(name.split(".")[0] for name in OPTIONAL_PACKAGES), "onnxruntime", "diffusers", "peft", "xformers", "accelerate", "tomli"} - {BROKEN})
 BROKEN_INIT = """import json, os, traceback
 with open(os.environ["TUNEKIT_TEST_HIDE_LOG"], "a") as out:
     out.write(json.dumps({"module": __name__, "stack": [f.filename for f in traceback.extract_stack()]}) + "\\n")

@@ -11,10 +11,12 @@ from tunekit.trainer.optional import OPTIONAL_PACKAGES, MissingPackage, availabl
 
 REPO = Path(__file__).resolve().parents[2]
 # What a module of TuneKit may import at its top level: the standard library, what requirements.txt
-# lists, torch (the host's), ComfyUI's own modules (nodes/ only) and relative imports.
+# lists, torch (the host's), ComfyUI's own modules and the aiohttp its server runs on (nodes/ only) and
+# relative imports.
 ALLOWED_AT_LOAD = set(sys.stdlib_module_names) | {
     "numpy", "PIL", "safetensors", "torch",
     "comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "node_helpers", "nodes",
+    "aiohttp",
 }
 
 
