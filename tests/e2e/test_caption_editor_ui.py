@@ -59,11 +59,11 @@ def _ui_dataset(folder: Path) -> None:
             (folder / f"dog_{index:03d}.txt").write_text(caption, encoding="utf-8")
 
 
-def _click_canvas(page, point: list[float]) -> None:
+def _click_canvas(tab, point: list[float]) -> None:
     """A user's click at a point of the graph canvas once nothing covers it there (a locator's click waits
     for that itself; the mouse clicks wherever it is told)."""
-    page.wait_for_function(CANVAS_AT, arg=point)
-    page.mouse.click(*point)
+    tab.wait_for_function(CANVAS_AT, arg=point)
+    tab.mouse.click(*point)
 
 
 def _settled_screenshot(tab, path: Path) -> None:
