@@ -59,21 +59,19 @@ def embedding_tokenizer(tokenizer, embeddings: dict[str, dict[str, torch.Tensor]
 
 def _lookup(tokenizer: SDTokenizer, embeddings: dict[str, dict[str, torch.Tensor]]):
     from_file = tokenizer._try_get_embedding
+    parse_only = copy.copy(tokenizer)
+    parse_only.embedding_directory = []  # the host's own name parsing, without touching the embeddings folder
 
     def try_get_embedding(text: str):
-        """Parses the name as ComfyUI's `SDTokenizer._try_get_embedding` does: the first word, cut at '<'
-        or '[', commas stripped; returns (vectors, name, leftover text)."""
-        words = text.split()
-        name, leftover = (words[0], " ".join(words[1:])) if words else ("", "")
-        if cut := re.search(r"[<\[]", name):
-            leftover = name[cut.start():] + (" " + leftover if leftover else "")
-            name = name[:cut.start()]
-        stripped = name.strip(",")
-        if stripped not in embeddings:
+        """ComfyUI's `SDTokenizer._try_get_embedding` with the trained vectors in place of a file's. Its result
+        differs by host (0.30.0: (vectors, name, leftover), cut at '<' or '['; 0.3.75: (vectors, leftover)),
+        so the host parses and only the vectors are swapped in."""
+        parsed = parse_only._try_get_embedding(text)
+        name = parsed[1] if len(parsed) == 3 else (text.split() or [""])[0]
+        vectors = embeddings.get(name.strip(","))
+        if vectors is None:
             return from_file(text)
-        if stripped != name:
-            leftover = f"{name[len(stripped):]} {leftover}"
-        return embeddings[stripped][tokenizer.embedding_key], name, leftover
+        return (vectors[tokenizer.embedding_key], *parsed[1:])
 
     return try_get_embedding
 

@@ -83,6 +83,7 @@ def sample_prompt(graph, clip, text, prefix):
     return graph
 
 
+@pytest.mark.every_host  # the tokenizer's embedding lookup differs between hosts (0.3.75: no parsed name)
 def test_embedding_learns_and_embedding_name_in_the_next_prompt_equals_the_trained_clip(comfy, sd15, red_dataset):
     Image.new("RGB", (64, 64), RED).save(comfy.input_dir / "e2e_red_reference.png")
     graph = {
