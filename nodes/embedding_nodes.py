@@ -3,7 +3,6 @@
 import logging
 from pathlib import Path
 
-import comfy.model_management
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -13,7 +12,7 @@ from ..trainer.files import unused_path
 from .bridge import ComfyModelBridge
 from .clip_text import clip_with_embeddings
 from .dataset_nodes import DatasetType
-from .train_nodes import CATEGORY, _log_cancelled, _report, _start_session
+from .train_nodes import CATEGORY, start_session, train_to_end, training_report
 
 log = logging.getLogger("tunekit")
 
@@ -82,22 +81,14 @@ class TrainEmbedding(io.ComfyNode):
         config.validate()
         bridge = ComfyModelBridge(model, clip, vae)
         embedding = TokenEmbedding.from_init_word(bridge, name, init_word, num_vectors)
-        session, host = _start_session(bridge, dataset, config, name, resume, cls.hidden.unique_id, trainable=embedding)
-        try:
-            result = session.run(host)
-        except comfy.model_management.InterruptProcessingException:
-            _log_cancelled(session, name)
-            raise
-        if result.stopped_early:
-            _log_cancelled(session, name)
-            raise comfy.model_management.InterruptProcessingException()
-        session.save_final(host)
+        session, host = start_session(bridge, dataset, config, name, resume, cls.hidden.unique_id, trainable=embedding)
+        result = train_to_end(session, host, name)
         path = save_embedding(unused_path(embeddings_directory() / f"{name}.safetensors"), embedding, config,
                               init_word, session.step)
         # In this graph both the trained name and the saved one (suffixed where the name was taken) mean the
         # new vectors; later prompts load the file by its name.
         trained_clip = clip_with_embeddings(clip, {name: dict(embedding.vectors), path.stem: dict(embedding.vectors)})
-        report = f"{_report(session, result.losses)}. Saved {path.name}: use embedding:{path.stem} in a prompt."
+        report = f"{training_report(session, result.losses)}. Saved {path.name}: use embedding:{path.stem} in a prompt."
         log.info("TuneKit: %s", report)
         return io.NodeOutput(trained_clip, path.stem, report, ui=ui.PreviewText(report))
 

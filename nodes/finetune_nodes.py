@@ -4,7 +4,6 @@ saved as a single-file checkpoint (models/checkpoints) that CheckpointLoaderSimp
 import logging
 from pathlib import Path
 
-import comfy.model_management
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -16,7 +15,7 @@ from .convert_nodes import _comfy_tokenizer
 from .dataset_nodes import DatasetType
 from .headless import full_finetune, node_run_table, with_weights, write_checkpoint
 from .paths import checked_name
-from .train_nodes import CATEGORY, _log_cancelled, _report, _start_session
+from .train_nodes import CATEGORY, start_session, train_to_end, training_report
 
 log = logging.getLogger("tunekit")
 DEFAULT_LEARNING_RATE = 1e-5  # full fine-tunes move every weight: 10x below a LoRA's usual rate
@@ -98,18 +97,10 @@ def _train(model, clip, vae, dataset, config, run_name, resume, node_id):
     # Copy the weights this MODEL samples with (its own patches applied, e.g. LoRAs from LoraLoader), not
     # whatever clone was loaded last.
     trainable = full_finetune(model, bridge)
-    session, host = _start_session(bridge, dataset, config, run_name, resume, node_id, trainable)
+    session, host = start_session(bridge, dataset, config, run_name, resume, node_id, trainable)
     session.run_toml = node_run_table(session, model, clip, run_name, method="finetune")
-    try:
-        result = session.run(host)
-    except comfy.model_management.InterruptProcessingException:
-        _log_cancelled(session, run_name)
-        raise
-    if result.stopped_early:
-        _log_cancelled(session, run_name)
-        raise comfy.model_management.InterruptProcessingException()
-    session.save_final(host)
-    return trainable.trained_weights(device=model.offload_device), _report(session, result.losses), session.step
+    result = train_to_end(session, host, run_name)
+    return trainable.trained_weights(device=model.offload_device), training_report(session, result.losses), session.step
 
 
 def _save_checkpoint(model, clip, vae, run_name: str, config: TrainConfig, steps_done: int) -> Path:

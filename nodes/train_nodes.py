@@ -12,7 +12,7 @@ from ..trainer.checkpoints import latest_run_state
 from ..trainer.config import TEXT_ENCODER_SETS, TrainConfig
 from ..trainer.files import unused_path
 from ..trainer.memory import explained_out_of_memory
-from ..trainer.session import TrainSession
+from ..trainer.session import TrainResult, TrainSession
 from .bridge import ComfyModelBridge
 from .dataset_nodes import DatasetType
 from .headless import node_run_table
@@ -117,30 +117,37 @@ class TrainLoRA(io.ComfyNode):
                             text_encoder_2_lr=text_encoder_2_lr, network=network, **(network_settings or {}), **(options or {}))
         dataset, held_out = split_for(monitor, dataset)
         bridge, node_id = ComfyModelBridge(model, clip, vae), cls.hidden.unique_id
-        session, host = _start_session(bridge, dataset, config, run_name, resume, node_id)
+        session, host = start_session(bridge, dataset, config, run_name, resume, node_id)
         # Before any work: the run fits the device's free memory, or auto changes settings, or it stops here.
-        session, memory_report = fit_session(session, lambda fitted: _start_session(
+        session, memory_report = fit_session(session, lambda fitted: start_session(
             bridge, dataset, fitted, run_name, resume, node_id)[0])
         session.run_toml = node_run_table(session, model, clip, run_name)  # `tunekit train` re-runs its config.toml
         watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
         if watcher:
             session.step_hooks.append(watcher)
-        try:
-            with explained_out_of_memory(session, out_of_memory_types()):
-                result = session.run(host)
-        except comfy.model_management.InterruptProcessingException:
-            _log_cancelled(session, run_name)
-            raise
-        if result.stopped_early:
-            _log_cancelled(session, run_name)
-            raise comfy.model_management.InterruptProcessingException()
-        session.save_final(host)
+        result = train_to_end(session, host, run_name)
         lora = KohyaLoRA(*session.export(run_name))
         trained_model, trained_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-        report = _report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "") \
+        report = training_report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "") \
             + (f" {memory_report}" if memory_report else "")
         log.info("TuneKit: %s", report)
         return io.NodeOutput(trained_model, trained_clip, lora, report, ui=ui.PreviewText(report))
+
+
+def train_to_end(session: TrainSession, host: ComfyHost, run_name: str) -> TrainResult:
+    """Run the session to its last step and save it. Cancel keeps a resumable state and re-raises ComfyUI's
+    interrupt; an out-of-memory error says which settings to lower."""
+    try:
+        with explained_out_of_memory(session, out_of_memory_types()):
+            result = session.run(host)
+    except comfy.model_management.InterruptProcessingException:
+        _log_cancelled(session, run_name)
+        raise
+    if result.stopped_early:
+        _log_cancelled(session, run_name)
+        raise comfy.model_management.InterruptProcessingException()
+    session.save_final(host)
+    return result
 
 
 def _log_cancelled(session: TrainSession, run_name: str) -> None:
@@ -148,7 +155,7 @@ def _log_cancelled(session: TrainSession, run_name: str) -> None:
                 "'%s'. Resumable state: %s", session.step, run_name, session.last_checkpoint)
 
 
-def _start_session(bridge, dataset, config, run_name, resume, node_id, trainable=None):
+def start_session(bridge, dataset, config, run_name, resume, node_id, trainable=None):
     base_dir = run_directory(run_name)
     previous = latest_run_state(base_dir)
     if resume and previous:
@@ -162,7 +169,7 @@ def _start_session(bridge, dataset, config, run_name, resume, node_id, trainable
     return session, ComfyHost(node_id, config.steps)
 
 
-def _report(session: TrainSession, losses: list[float]) -> str:
+def training_report(session: TrainSession, losses: list[float]) -> str:
     window = max(1, len(losses) // 10)
     start = sum(losses[:window]) / window if losses else float("nan")
     end = sum(losses[-window:]) / window if losses else float("nan")
