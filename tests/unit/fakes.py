@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-
 from tunekit.trainer.embeddings import mark_embeddings
+from tunekit.trainer.events import StepDone
 from tunekit.trainer.families import SD1
 from tunekit.trainer.frozen import FrozenBase
 from tunekit.trainer.grad_checkpoint import checkpointed
@@ -257,3 +257,19 @@ class FakeTextBridge(FakeBridge):
                 yield
         finally:
             frozen.restore()
+
+
+class RecordingHost:
+    """A Host that keeps every event; with `stop_after`, asks to stop once that many steps are done."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.events, self.stop_after = [], stop_after
+
+    def emit(self, event):
+        self.events.append(event)
+
+    def should_stop(self):
+        return self.stop_after is not None and len(self.of(StepDone)) >= self.stop_after
+
+    def of(self, kind):
+        return [event for event in self.events if isinstance(event, kind)]

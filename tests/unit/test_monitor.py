@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from fakes import FakeBridge
+from fakes import FakeBridge, RecordingHost
 from helpers import solid_images
 from tunekit.trainer.config import TrainConfig
 from tunekit.trainer.data import Dataset, TrainImage
@@ -15,20 +15,6 @@ from tunekit.trainer.monitor import Monitor, MonitorSettings, ValidationSet, rea
 from tunekit.trainer.session import TrainSession
 
 SETTINGS = {"learning_rate": 5e-3, "rank": 4, "alpha": 4, "resolution": 64, "seed": 3}
-
-
-class Recorder:
-    def __init__(self):
-        self.events = []
-
-    def emit(self, event):
-        self.events.append(event)
-
-    def should_stop(self):
-        return False
-
-    def of(self, kind):
-        return [event for event in self.events if isinstance(event, kind)]
 
 
 def six_images() -> Dataset:
@@ -85,7 +71,7 @@ def test_validation_loss_is_fixed_for_a_fixed_model():
 def test_monitor_runs_at_step_zero_every_n_steps_and_at_the_end_and_logs_the_curve(tmp_path):
     sampled = []
     session, monitor = monitored_session(steps=10, every=4, run_dir=tmp_path, sampler=lambda step: sampled.append(step) or [])
-    host = Recorder()
+    host = RecordingHost()
     session.run(host)
     validations = host.of(ValidationLoss)
     assert [event.step for event in validations] == [0, 4, 8, 10] == sampled
@@ -108,11 +94,11 @@ def test_sampling_and_validation_leave_the_trained_weights_bit_identical():
 
     plain, _ = monitored_session(steps=8, every=2, count=2, sampler=None)
     plain.step_hooks.clear()
-    plain.run(Recorder())
+    plain.run(RecordingHost())
     monitored, _ = monitored_session(steps=8, every=2, count=2, sampler=greedy_sampler)
     torch.manual_seed(99)
     before = torch.random.get_rng_state()
-    monitored.run(Recorder())
+    monitored.run(RecordingHost())
     assert torch.equal(torch.random.get_rng_state(), before), "the global RNG was left changed"
     expected, got = network_weights(plain), network_weights(monitored)
     assert expected.keys() == got.keys()
@@ -122,11 +108,11 @@ def test_sampling_and_validation_leave_the_trained_weights_bit_identical():
 
 def test_a_resumed_run_continues_its_validation_curve(tmp_path):
     session, _ = monitored_session(steps=6, every=3, run_dir=tmp_path)
-    session.run(Recorder())
-    session.save_final(Recorder())
+    session.run(RecordingHost())
+    session.save_final(RecordingHost())
     longer, _ = monitored_session(steps=9, every=3, run_dir=tmp_path)
     longer.resume(session.last_checkpoint)
-    host = Recorder()
+    host = RecordingHost()
     longer.run(host)
     assert [e.step for e in host.of(ValidationLoss)] == [6, 9]
     assert [row["step"] for row in read_log(tmp_path / "validation.csv")] == [0, 3, 6, 9]

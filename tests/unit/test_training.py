@@ -2,27 +2,13 @@
 
 import pytest
 import torch
-
+from fakes import FakeBridge, RecordingHost
+from helpers import make_session
 from tunekit.trainer.adapters.kohya import load_lora, save_lora
 from tunekit.trainer.checkpoints import latest_state_folder
 from tunekit.trainer.errors import ConfigError, TrainingDivergedError
-from tunekit.trainer.events import CheckpointSaved, StepDone
+from tunekit.trainer.events import CheckpointSaved
 from tunekit.trainer.host import NullHost
-
-from fakes import FakeBridge
-from helpers import make_session
-
-
-class RecordingHost:
-    def __init__(self, stop_after: int | None = None):
-        self.events, self.stop_after = [], stop_after
-
-    def emit(self, event):
-        self.events.append(event)
-
-    def should_stop(self):
-        steps = sum(isinstance(event, StepDone) for event in self.events)
-        return self.stop_after is not None and steps >= self.stop_after
 
 
 def test_training_lowers_the_loss_at_fixed_noise():

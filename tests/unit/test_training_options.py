@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from fakes import FakeBridge
+from fakes import FakeBridge, RecordingHost
 from helpers import make_session
 from tunekit.trainer.checkpoints import CONFIG_FILE, latest_state_folder, load_state
 from tunekit.trainer.config import LR_SCHEDULERS, OPTIMIZERS, TrainConfig
@@ -19,17 +19,6 @@ from tunekit.trainer.optional import MissingPackage
 from tunekit.trainer.timesteps import sample_timesteps, timestep_weights
 
 TABLE = torch.tensor([0, 1, 10, 100, 250, 500, 750, 999])
-
-
-class RecordingHost:
-    def __init__(self):
-        self.events = []
-
-    def emit(self, event):
-        self.events.append(event)
-
-    def should_stop(self):
-        return False
 
 
 class VPredictionBridge(FakeBridge):
