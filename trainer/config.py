@@ -75,6 +75,10 @@ class TrainConfig:
     # ----- text encoders -----
     text_encoders: str = "none"  # LoRA on CLIP too: none, all, te1 (SD1's encoder / SDXL CLIP-L), te2 (SDXL CLIP-G)
     text_encoder_2_lr: float = 0.0  # SDXL CLIP-G; 0: as text_encoder_lr
+    # ----- textual inversion (trainer/embeddings.py; checked there with the embedding's name) -----
+    init_word: str = ""  # the new word's vectors start from this word's token embeddings
+    num_vectors: int = 1  # tokens the new word takes in a prompt
+    pivotal: bool = False  # pivotal tuning: a LoRA (rank, alpha, targets, at unet_lr) trains beside the embedding
     version: int = CONFIG_VERSION
 
     def problems(self) -> list[str]:

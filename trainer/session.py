@@ -19,6 +19,7 @@ from .data import Dataset
 from .data.feed import Example, TrainingFeed
 from .data.plan import DatasetPlan, epoch_batches, plan_dataset
 from .ema import EMA
+from .embeddings import PivotalTuning
 from .errors import ConfigError, DatasetError, TrainingDivergedError
 from .events import CheckpointSaved, Notice, StepDone
 from .host import Host, ModelBridge
@@ -55,7 +56,9 @@ class TrainSession:
     ):
         """`trainable`: what to train instead of the LoRA network the config describes (e.g. a
         trainer.finetune.FullFineTune); it has the network's interface: attach/detach, parameters,
-        kohya_state_dict/load_kohya_state_dict for resumable states, and optionally param_groups(config)."""
+        kohya_state_dict/load_kohya_state_dict for resumable states, and optionally param_groups(config).
+        With `config.pivotal` a given embedding (trainer.embeddings.TokenEmbedding) trains together with
+        that LoRA network (pivotal tuning)."""
         # The settings and how they fit the loaded model, all at once.
         if found := [*config.problems(), *config.model_problems(bridge.prediction_type, bridge.family.name)]:
             raise ConfigError(found)
@@ -71,7 +74,7 @@ class TrainSession:
         text_trains = config.text_encoders != "none" or getattr(trainable, "trains_text", False)
         self.feed = TrainingFeed(bridge, self.plan, config.seed, cache_dir, caption_dropout_rate=config.caption_dropout_rate,
                                  text_trains=text_trains)
-        self.network = trainable if trainable is not None else self._build_network()
+        self.network = self._trainable(trainable)
         self._build_training_state()
         self.losses: list[float] = []
         # Called as hook(session, host) inside the training context, before the first step and after every
@@ -87,6 +90,11 @@ class TrainSession:
         self.run_toml = ""
 
     # ----- setup -----
+    def _trainable(self, given: torch.nn.Module | None) -> torch.nn.Module:
+        if given is None:
+            return self._build_network()
+        return PivotalTuning(given, self._build_network()) if self.config.pivotal else given
+
     def _build_network(self) -> AdapterNetwork:
         config, settings = self.config, self.config.network_settings()
         targets = select_targets(self.bridge.denoiser_modules(), config.targets, config.target_pattern,
@@ -188,7 +196,8 @@ class TrainSession:
 
     # Settings a resumed run must share with the saved one: they shape the weights or the optimizer state.
     RESUME_MUST_MATCH = ("rank", "alpha", "targets", "network", "conv_rank", "conv_alpha", "target_pattern",
-                         "lokr_factor", "optimizer", "ema_decay", "mixed_precision")
+                         "lokr_factor", "optimizer", "ema_decay", "mixed_precision",
+                         "num_vectors", "pivotal")
 
     def _check_resumable(self, folder: Path, saved: TrainConfig) -> None:
         differ = [name for name in self.RESUME_MUST_MATCH if getattr(saved, name) != getattr(self.config, name)]
@@ -398,6 +407,12 @@ class TrainSession:
         else:
             yield
 
+    @contextmanager
+    def weights_to_save(self):
+        """Inside: the trainable holds what a save writes (see _weights_to_save), outside inference mode."""
+        with torch.inference_mode(False), self._weights_to_save():
+            yield
+
     def _saved_differs_from_raw(self) -> bool:
         return bool(self.ema and self.config.save_ema) or is_schedule_free(self.optimizer)
 
@@ -495,8 +510,10 @@ class TrainSession:
             optimizer=optimizer_name(self.optimizer),
             zero_terminal_snr=is_zero_terminal(self.alphas),
         )
+        # Pivotal tuning exports its LoRA; the embedding is a file of its own (trainer/embeddings.py).
+        network = self.network.lora if isinstance(self.network, PivotalTuning) else self.network
         with torch.inference_mode(False), self._weights_to_save():
-            tensors = self.network.kohya_state_dict(EXPORT_DTYPE)
+            tensors = network.kohya_state_dict(EXPORT_DTYPE)
         return tensors, metadata
 
 

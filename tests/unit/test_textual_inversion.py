@@ -1,22 +1,36 @@
 """Textual inversion on a tiny CLIP-shaped encoder: vectors from an init word, trained through the one
-session loop with denoiser and text encoder frozen, saved in the files ComfyUI and A1111 load."""
+session loop with denoiser and text encoder frozen, saved in the files ComfyUI and A1111 load; pivotal
+tuning (the embedding and a UNet LoRA in one session); exact resume of both."""
 
 import pytest
 import safetensors.torch
 import torch
-from fakes import FakeTextBridge
+from fakes import FakeTextBridge, RecordingHost
 from helpers import solid_dataset
+from tunekit.trainer.adapters.kohya import load_lora
+from tunekit.trainer.checkpoints import latest_state_folder
 from tunekit.trainer.config import TrainConfig
-from tunekit.trainer.embeddings import TokenEmbedding, cycle_rows, mark_embeddings, save_embedding
+from tunekit.trainer.embeddings import (
+    PivotalTuning,
+    TokenEmbedding,
+    cycle_rows,
+    mark_embeddings,
+    save_embedding,
+    save_pivotal_lora,
+    save_trained_embedding,
+)
 from tunekit.trainer.errors import ConfigError
 from tunekit.trainer.host import NullHost
 from tunekit.trainer.session import TrainSession
 
+PIVOTAL = dict(pivotal=True, rank=4, alpha=4.0, unet_lr=5e-3)
 
-def ti_session(bridge, steps=60, **settings):
-    embedding = TokenEmbedding.from_init_word(bridge, "tkred", "red", num_vectors=2)
-    config = TrainConfig(steps=steps, learning_rate=settings.pop("learning_rate", 5e-2), resolution=64, seed=3, **settings)
-    return TrainSession(bridge, solid_dataset(), config, trainable=embedding), embedding
+
+def ti_session(bridge, steps=60, run_dir=None, **settings):
+    config = TrainConfig(steps=steps, learning_rate=settings.pop("learning_rate", 5e-2), resolution=64, seed=3,
+                         init_word="red", num_vectors=2, **settings)
+    embedding = TokenEmbedding.from_init_word(bridge, "tkred", config.init_word, config.num_vectors)
+    return TrainSession(bridge, solid_dataset(), config, run_dir, trainable=embedding), embedding
 
 
 @pytest.mark.parametrize("caption, expected", [
@@ -64,7 +78,7 @@ def test_embedding_learns_with_denoiser_and_text_encoder_frozen(tmp_path):
         for name, parameter in model.named_parameters():
             assert parameter.is_inference() and torch.equal(parameter, base[name]), name
 
-    path = save_embedding(tmp_path / "tkred.safetensors", embedding, session.config, "red", session.step)
+    path = save_embedding(tmp_path / "tkred.safetensors", embedding, session.config, session.step)
     saved = safetensors.torch.load_file(str(path))
     assert list(saved) == ["emb_params"] and saved["emb_params"].shape == (2, 8)
     torch.testing.assert_close(saved["emb_params"], embedding.vectors["clip_l"].detach())
@@ -83,3 +97,65 @@ def test_embedding_state_resumes(tmp_path):
     again = TokenEmbedding("tkred", {"clip_l": torch.zeros(2, 8)})
     again.load_kohya_state_dict(state)
     torch.testing.assert_close(again.vectors["clip_l"].detach(), embedding.vectors["clip_l"].detach())
+
+
+def trained_tensors(session) -> dict[str, torch.Tensor]:
+    return session.network.kohya_state_dict(torch.float32)
+
+
+@pytest.mark.parametrize("settings", [{}, PIVOTAL], ids=["embedding", "pivotal"])
+def test_twenty_steps_equal_ten_and_ten_resumed_bit_for_bit(tmp_path, settings):
+    straight, _ = ti_session(FakeTextBridge(), steps=20, **settings)
+    straight.run(NullHost())
+
+    first, _ = ti_session(FakeTextBridge(), steps=20, run_dir=tmp_path, **settings)
+    assert first.run(RecordingHost(stop_after=10)).steps_done == 10
+    resumed, embedding = ti_session(FakeTextBridge(), steps=20, run_dir=tmp_path, **settings)
+    resumed.resume(latest_state_folder(tmp_path))
+    assert resumed.step == 10 and resumed.run(NullHost()).steps_done == 20
+
+    expected, actual = trained_tensors(straight), trained_tensors(resumed)
+    assert expected.keys() == actual.keys()
+    assert any(key.startswith("lora_unet_") for key in actual) == bool(settings)
+    differ = [key for key in expected if not torch.equal(expected[key], actual[key])]
+    assert not differ, f"{len(differ)} of {len(expected)} tensors differ after resume, e.g. {differ[:3]}"
+    initial = FakeTextBridge().token_vectors("red red")["clip_l"]
+    assert not torch.equal(embedding.vectors["clip_l"].detach(), initial), "the embedding did not train"
+
+
+def test_pivotal_tuning_trains_embedding_and_lora_at_their_own_rates_and_learns_more(tmp_path):
+    losses = {}
+    for label, settings in (("embedding", {}), ("pivotal", PIVOTAL)):
+        session, embedding = ti_session(FakeTextBridge(), steps=40, **settings)
+        session.prepare(NullHost())
+        before = session.evaluate()
+        session.run(NullHost())
+        losses[label] = (before, session.evaluate())
+    print(f"fixed-noise loss before -> after 40 steps: embedding {losses['embedding'][0]:.4f} -> "
+          f"{losses['embedding'][1]:.4f}, pivotal {losses['pivotal'][0]:.4f} -> {losses['pivotal'][1]:.4f}")
+    assert losses["pivotal"][1] < losses["embedding"][1] < losses["embedding"][0]
+
+    assert isinstance(session.network, PivotalTuning)
+    rates = {group["name"]: group["lr"] for group in session.optimizer.param_groups}
+    assert rates == {"embedding": 5e-2, "unet": 5e-3}
+    path, vectors = save_trained_embedding(session, embedding, tmp_path / "tkred.safetensors")
+    torch.testing.assert_close(vectors["clip_l"], embedding.vectors["clip_l"].detach())
+    lora_path, tensors, _ = save_pivotal_lora(session, path, tmp_path / "tkred.safetensors")
+    assert lora_path.name == "tkred_2.safetensors", "the embedding's file was overwritten"
+    saved, metadata = load_lora(lora_path)
+    assert saved.keys() == tensors.keys() and all(key.startswith("lora_unet_") for key in saved)
+    assert metadata["modelspec.trigger_phrase"] == "embedding:tkred" and metadata["ss_network_dim"] == "4"
+    assert metadata["ss_learning_rate"] == "0.05" and metadata["ss_unet_lr"] == "0.005"
+    assert '"init_word": "red"' in metadata["ss_tunekit_embedding"]
+
+
+def test_resume_refuses_another_vector_count_or_pivotal_setting(tmp_path):
+    first, _ = ti_session(FakeTextBridge(), steps=2, run_dir=tmp_path)
+    first.run(NullHost())
+    folder = first.save_final(NullHost())
+    for changed in ({"pivotal": True}, {"num_vectors": 3}):
+        config = TrainConfig(**{**first.config.to_dict(), **changed})
+        embedding = TokenEmbedding.from_init_word(FakeTextBridge(), "tkred", "red", config.num_vectors)
+        session = TrainSession(FakeTextBridge(), solid_dataset(), config, tmp_path, trainable=embedding)
+        with pytest.raises(ConfigError, match=f"{next(iter(changed))} "):
+            session.resume(folder)
