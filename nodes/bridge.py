@@ -18,6 +18,7 @@ from comfy.cli_args import args as comfy_args
 from comfy.patcher_extension import PatcherInjection
 
 from ..trainer.embeddings import mark_embeddings
+from ..trainer.conv_matmul import matmul_convolutions
 from ..trainer.families import get_family
 from ..trainer.frozen import FrozenBase
 from ..trainer.grad_checkpoint import checkpointed
@@ -173,10 +174,11 @@ class ComfyModelBridge:
         comfy.model_management.load_models_gpu(clones, force_full_load=True)
         self._training_model = clones[0]
         try:
-            blocks = _unet_blocks(clones[0].model.diffusion_model) if gradient_checkpointing else []
+            unet = clones[0].model.diffusion_model
+            blocks = _unet_blocks(unet) if gradient_checkpointing else []
             if blocks:
                 log.info("TuneKit: gradient checkpointing on %d UNet blocks", len(blocks))
-            with checkpointed(blocks):
+            with checkpointed(blocks), matmul_convolutions(unet):
                 yield
         finally:
             self._training_clip = self._training_model = None
