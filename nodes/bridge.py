@@ -17,8 +17,8 @@ import comfy.model_sampling
 from comfy.cli_args import args as comfy_args
 from comfy.patcher_extension import PatcherInjection
 
-from ..trainer.embeddings import mark_embeddings
 from ..trainer.conv_matmul import matmul_convolutions
+from ..trainer.embeddings import mark_embeddings
 from ..trainer.families import get_family
 from ..trainer.frozen import FrozenBase
 from ..trainer.grad_checkpoint import checkpointed
