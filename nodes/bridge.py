@@ -4,6 +4,7 @@ Nothing here copies base weights or mutates the host's MODEL: training runs on a
 injection (ComfyUI's per-clone seam) attaches the adapters while that clone is loaded.
 """
 
+import copy
 import hashlib
 import logging
 from contextlib import contextmanager
@@ -152,8 +153,13 @@ class ComfyModelBridge:
 
     def sampling_models(self):
         """(MODEL, CLIP) as trained so far: inside training() the loaded training clones, whose adapters
-        run as side branches (ComfyUI's samplers use them as they are), else the graph's own."""
-        return self._training_model or self.patcher, self._training_clip or self.clip
+        run as side branches (ComfyUI's samplers use them as they are), else the graph's own. With trained
+        embeddings the CLIP's prompts read `embedding:<name>` from the vectors as they are now."""
+        model, clip = self._training_model or self.patcher, self._training_clip or self.clip
+        if self._embedding_names:
+            clip = copy.copy(clip)  # the same loaded patcher (a clone would load, and inject, again)
+            clip.tokenizer = self._tokenizer
+        return model, clip
 
     def set_clip_skip(self, layers: int) -> None:
         """Encode captions from the `layers`-th last CLIP layer (CLIPSetLastLayer -layers) with a clone: the

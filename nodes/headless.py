@@ -20,6 +20,7 @@ from ..trainer.checkpoints import latest_run_state
 from ..trainer.config import TrainConfig
 from ..trainer.data import export_kohya_toml, read_kohya_toml, scan_image_folder, scan_legacy_folders
 from ..trainer.data.folder import is_legacy_layout, list_images
+from ..trainer.embeddings import TokenEmbedding, save_pivotal_lora, save_trained_embedding
 from ..trainer.errors import TuneKitError
 from ..trainer.events import CheckpointSaved, Event, Notice, StepDone, ValidationLoss
 from ..trainer.files import unused_path
@@ -81,10 +82,12 @@ def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: 
     model, clip, vae = load_checkpoint(run.checkpoint)
     bridge, host = ComfyModelBridge(model, clip, vae), ConsoleHost(every)
     trainable = full_finetune(model, bridge) if run.method == "finetune" else None
+    if run.method == "embedding":
+        trainable = TokenEmbedding.from_init_word(bridge, run.name, run.config.init_word, run.config.num_vectors)
     session = _start_session(bridge, dataset, run, resume, trainable)
-    if trainable is None:  # as Train LoRA: the run fits the free memory, or 'auto' changes settings, or it stops
+    if run.method != "finetune":  # as the nodes: the run fits the free memory, or 'auto' changes settings, or it stops
         session = fit_session(session, lambda fitted: _start_session(
-            bridge, dataset, dataclasses.replace(run, config=fitted), resume))[0]
+            bridge, dataset, dataclasses.replace(run, config=fitted), resume, trainable))[0]
     session.run_toml = run.run_table()
     with host.ctrl_c_cancels(), explained_out_of_memory(session, out_of_memory_types()):
         result = session.run(host)
@@ -95,6 +98,8 @@ def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: 
     session.save_final(host)
     if trainable is None:
         saved = save_run_lora(session, run.name)
+    elif run.method == "embedding":
+        saved = save_run_embedding(session, trainable, run.name)
     else:
         trained = with_weights(model, trainable.trained_weights(device=model.offload_device))
         saved = write_checkpoint(unused_path(session.run_dir / f"{run.name}.safetensors"), trained, clip, vae,
@@ -163,6 +168,16 @@ def save_run_lora(session: TrainSession, name: str) -> Path:
     path = unused_path(session.run_dir / f"{name}.safetensors")
     tensors, metadata = session.export(name)
     save_lora(path, tensors, {**metadata, "ss_output_name": path.stem, "modelspec.title": path.stem})
+    return path
+
+
+def save_run_embedding(session: TrainSession, embedding: TokenEmbedding, name: str) -> Path:
+    """The embedding in the run folder (as Train Embedding saves it) and, with pivotal tuning, its LoRA
+    beside it as `<name>_lora`."""
+    path = save_trained_embedding(session, embedding, session.run_dir / f"{name}.safetensors")[0]
+    if session.config.pivotal:
+        lora = save_pivotal_lora(session, path, session.run_dir / f"{name}_lora.safetensors")[0]
+        log.info("saved the pivotal-tuning LoRA %s (use it with embedding:%s)", lora, path.stem)
     return path
 
 

@@ -124,10 +124,10 @@ class PivotalTuning(nn.Module):
 
 def _vector_mismatches(ours: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> list[str]:
     if missing := sorted(set(ours) - set(saved)):
-        return [f"the saved state holds no embedding vectors for {', '.join(missing)}: resume a textual-inversion run "
-                f"of this model, or start a new run (another name)."]
-    return [f"the saved embedding has {saved[key].shape[0]} vectors, this run {value.shape[0]}: set num_vectors to "
-            f"{saved[key].shape[0]}, or start a new run (another name)."
+        return [(f"the saved state holds no embedding vectors for {', '.join(missing)}: resume a textual-inversion "
+                 f"run of this model, or start a new run (another name).")]
+    return [(f"the saved embedding has {saved[key].shape[0]} vectors, this run {value.shape[0]}: set num_vectors to "
+             f"{saved[key].shape[0]}, or start a new run (another name).")
             for key, value in ours.items() if saved[key].shape != value.shape][:1]
 
 

@@ -15,12 +15,14 @@ from pathlib import Path
 import tomllib
 
 from .config import TrainConfig, _toml_value
+from .embeddings import embedding_problems
 from .errors import ConfigError
 
 RUN_TABLE = "run"
 # [run] keys: what each holds, for the messages.
 RUN_KEYS = {
-    "method": "'lora' (Train LoRA) or 'finetune' (Fine-tune: every UNet weight, saved as a checkpoint)",
+    "method": "'lora' (Train LoRA), 'finetune' (Fine-tune: every UNet weight, saved as a checkpoint) or 'embedding' "
+              "(Train Embedding: textual inversion of init_word / num_vectors; pivotal = true adds a UNet LoRA)",
     "name": "the run's name (its folder and the LoRA or checkpoint file)",
     "checkpoint": "the model checkpoint (.safetensors / .ckpt) ComfyUI loads",
     "dataset": "a folder of images with caption files, or a kohya dataset .toml",
@@ -28,7 +30,7 @@ RUN_KEYS = {
     "caption_extension": "caption files' extension, for a dataset folder",
     "trigger_word": "put in front of every caption of a dataset folder",
 }
-METHODS = ("lora", "finetune")
+METHODS = ("lora", "finetune", "embedding")
 RUN_DEFAULTS = {"method": "lora", "name": "tunekit_lora", "checkpoint": "", "dataset": "", "output_dir": ".", "caption_extension": ".txt",
                 "trigger_word": ""}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$")
@@ -77,7 +79,7 @@ def read_run_file(path: Path, overrides: dict | None = None) -> RunFile:
     values = {**RUN_DEFAULTS, **run, **{key: value for key, value in (overrides or {}).items() if value is not None}}
     base = path.parent
     resolved = {key: _resolve(base, values[key]) for key in ("checkpoint", "dataset", "output_dir")}
-    problems = config.problems() + _run_problems(path, values, resolved)
+    problems = config.problems() + _run_problems(path, values, resolved) + _method_problems(values, config)
     if problems:
         raise ConfigError(problems)
     return RunFile(path, config, values["method"], values["name"], resolved["checkpoint"], resolved["dataset"], resolved["output_dir"],
@@ -132,6 +134,17 @@ def _type_words(wanted: type) -> str:
 
 def _resolve(base: Path, text: str) -> Path | None:
     return (base / Path(text).expanduser()).resolve() if text else None
+
+
+def _method_problems(values: dict, config: TrainConfig) -> list[str]:
+    """What the method needs of the settings: textual inversion an embedding name ([run] name), an init word
+    and a vector count."""
+    if values["method"] == "embedding":
+        return embedding_problems(values["name"], config.init_word, config.num_vectors)
+    if config.pivotal:
+        return [(f"pivotal is true but {RUN_TABLE}.method is {values['method']!r}: pivotal tuning trains an embedding "
+                 f"and a LoRA together: set method = \"embedding\" (with init_word), or pivotal = false.")]
+    return []
 
 
 def _run_problems(path: Path, values: dict, resolved: dict) -> list[str]:

@@ -1,13 +1,17 @@
 """The text side end to end in a real ComfyUI: a LoRA on CLIP that reloads through LoraLoader's clip
-strength, and a textual-inversion embedding that the next prompt uses as `embedding:<name>`."""
+strength, a textual-inversion embedding that the next prompt uses as `embedding:<name>`, and pivotal tuning
+(embedding + UNet LoRA) whose two files reload as the node's MODEL/CLIP sample."""
 
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors
 import torch
 from PIL import Image
 
+from .test_monitor import monitor_node
 from .test_train_lora import (
     RED,
     add_sampling,
@@ -18,6 +22,7 @@ from .test_train_lora import (
     tiny_checkpoint,
     train_graph,
 )
+from .test_training_options import option_defaults
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +120,96 @@ def test_embedding_learns_and_embedding_name_in_the_next_prompt_equals_the_train
     assert "does not exist" not in comfy.log_text(mark)
     print(f"max |trained CLIP - embedding:{saved} from the file| = {(from_file - latents['ti_graph']).abs().max().item():.2e}")
     torch.testing.assert_close(from_file, latents["ti_graph"], rtol=1e-5, atol=1e-5)
+
+
+def decode_image(graph, samples, prefix):
+    graph[f"{prefix}_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": samples, "vae": ["ckpt", 2]}}
+    graph[f"{prefix}_image"] = {"class_type": "SaveImage", "inputs": {"images": [f"{prefix}_decode", 0],
+                                                                      "filename_prefix": f"e2e/{prefix}"}}
+    return graph
+
+
+def saved_images(comfy, history) -> dict[str, np.ndarray]:
+    return {path.name.split("_0")[0]: np.asarray(Image.open(path), dtype=np.int16)
+            for path in comfy.output_files(history) if path.suffix == ".png"}
+
+
+def train_embedding(name, lora_rank=0, **extra):
+    return {"class_type": "TuneKitTrainEmbedding", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "dataset": ["data", 0], "name": name,
+        "init_word": "red", "num_vectors": 2, "steps": 12, "learning_rate": 5e-2, "batch_size": 1, "resolution": 64,
+        "seed": 0, "save_every": 0, "resume": False, "lora_rank": lora_rank, "lora_learning_rate": 4e-3,
+        "options": ["options", 0], **extra}}
+
+
+def test_pivotal_tuning_learns_more_than_the_embedding_and_its_files_reload_as_the_node_samples(comfy, sd15, red_dataset):
+    """Train Embedding with lora_rank 8 (pivotal tuning) beside the embedding alone, both with Training Options
+    (EMA 0.5, grad clipping) and Sample & Validate (the training images as validation set, fixed noise)."""
+    Image.new("RGB", (64, 64), RED).save(comfy.input_dir / "e2e_red_reference.png")
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15}},
+        "data": {"class_type": "TuneKitDatasetFromFolder", "inputs": {
+            "folder": red_dataset, "trigger_word": "tkpiv", "caption_extension": ".txt", "missing_captions": "error"}},
+        "options": {"class_type": "TuneKitTrainingOptions", "inputs": {
+            **option_defaults(comfy), "ema_decay": 0.5, "max_grad_norm": 1.0}},
+        "piv_monitor": monitor_node(validation=["data", 0], every=12, prompts="embedding:tkpiv"),
+        "emb_monitor": monitor_node(validation=["data", 0], every=12, prompts=""),
+        "pivot": train_embedding("tkpiv", lora_rank=8, monitor=["piv_monitor", 0]),
+        "emb": train_embedding("tkemb", monitor=["emb_monitor", 0]),
+    }
+    graph["emb"]["inputs"]["dataset"] = ["emb_data", 0]  # its own trigger word, same images
+    graph["emb_data"] = {**graph["data"], "inputs": {**graph["data"]["inputs"], "trigger_word": "tkemb"}}
+    sample_prompt(graph, ["emb", 0], "embedding:tkemb", "emb_graph")
+    sample_prompt(graph, ["ckpt", 1], "red red", "piv_init")  # the init word's vectors, 2 tokens
+    add_sampling(graph, ["pivot", 3], ["pivot", 0], "piv_graph", steps=4)
+    graph["piv_graph_pos"]["inputs"]["text"] = "embedding:tkpiv"
+    decode_image(graph, ["piv_graph_sample", 0], "piv_graph")
+    encode_reference(graph)
+    mark = comfy.log_mark()
+    history = comfy.run(graph, timeout=2400)
+    latents, log = saved_latents(comfy, history), comfy.log_text(mark)
+
+    reports = {name: re.search(rf"TuneKit: (Trained .*Saved {name}\S*\.safetensors.*)", log).group(1)
+               for name in ("tkpiv", "tkemb")}
+    validation = {name: tuple(map(float, re.search(r"fixed noise\): step 0 (\d+\.\d+) -> step 12 (\d+\.\d+)",
+                                                    report).groups())) for name, report in reports.items()}
+    target = latents["reference"]
+    distances = {name: distance(latents[name], target) for name in ("piv_init", "emb_graph", "piv_graph")}
+    print(f"\npivotal: training loss first -> last logged window {logged_losses(reports['tkpiv'])}; fixed-noise "
+          f"validation loss step 0 -> 12: pivotal {validation['tkpiv'][0]:.4f} -> {validation['tkpiv'][1]:.4f}, "
+          f"embedding alone {validation['tkemb'][0]:.4f} -> {validation['tkemb'][1]:.4f}; latent distance of the "
+          f"trigger-prompt sample to the training image: init word {distances['piv_init']:.4f}, embedding alone "
+          f"{distances['emb_graph']:.4f}, pivotal {distances['piv_graph']:.4f}")
+    assert validation["tkpiv"][1] < validation["tkpiv"][0]
+    assert validation["tkpiv"][0] - validation["tkpiv"][1] > validation["tkemb"][0] - validation["tkemb"][1]
+    assert distances["piv_graph"] < min(distances["piv_init"], distances["emb_graph"])
+    run_dir = Path(re.search(r"Run folder: (\S+)\. Saved", reports["tkpiv"]).group(1))
+    assert len(list((run_dir / "samples").glob("step_*.png"))) == 2, "Sample & Validate sampled step 0 and 12"
+    assert 'method = "embedding"' in (run_dir / "config.toml").read_text()
+
+    saved, lora_name = re.search(r"use embedding:(\S+) in a prompt\. Its LoRA: (\S+) in models/loras",
+                                 reports["tkpiv"]).groups()
+    with safetensors.safe_open(str(comfy.models_dir / "loras" / lora_name), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert keys and all(key.startswith("lora_unet_") for key in keys)
+    assert metadata["modelspec.trigger_phrase"] == f"embedding:{saved}" and metadata["ss_network_dim"] == "8"
+    reload = {
+        "ckpt": graph["ckpt"],
+        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": lora_name,
+                                                        "strength_model": 1.0, "strength_clip": 1.0}},
+    }
+    add_sampling(reload, ["lora", 0], ["lora", 1], "piv_file", steps=4)
+    reload["piv_file_pos"]["inputs"]["text"] = f"embedding:{saved}"
+    decode_image(reload, ["piv_file_sample", 0], "piv_file")
+    mark = comfy.log_mark()
+    reloaded = comfy.run(reload, timeout=900)
+    reload_log = comfy.log_text(mark)
+    no_unloaded_lora_keys(reload_log)
+    assert "does not exist" not in reload_log
+    from_files = saved_latents(comfy, reloaded)["piv_file"]
+    images = {**saved_images(comfy, history), **saved_images(comfy, reloaded)}
+    pixels = np.abs(images["piv_file"] - images["piv_graph"]).max()
+    print(f"LoraLoader + embedding:{saved} vs the node's MODEL/CLIP: max latent difference "
+          f"{(from_files - latents['piv_graph']).abs().max().item():.2e}, max pixel difference {pixels}/255")
+    assert pixels <= 1
+

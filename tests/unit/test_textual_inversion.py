@@ -21,9 +21,10 @@ from tunekit.trainer.embeddings import (
 )
 from tunekit.trainer.errors import ConfigError
 from tunekit.trainer.host import NullHost
+from tunekit.trainer.runfile import read_run_file
 from tunekit.trainer.session import TrainSession
 
-PIVOTAL = dict(pivotal=True, rank=4, alpha=4.0, unet_lr=5e-3)
+PIVOTAL = {"pivotal": True, "rank": 4, "alpha": 4.0, "unet_lr": 5e-3}
 
 
 def ti_session(bridge, steps=60, run_dir=None, **settings):
@@ -159,3 +160,21 @@ def test_resume_refuses_another_vector_count_or_pivotal_setting(tmp_path):
         session = TrainSession(FakeTextBridge(), solid_dataset(), config, tmp_path, trainable=embedding)
         with pytest.raises(ConfigError, match=f"{next(iter(changed))} "):
             session.resume(folder)
+
+
+def test_a_run_file_for_an_embedding_names_what_it_lacks(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "images").mkdir()
+    run = '[run]\nmethod = "{}"\nname = "{}"\ncheckpoint = "model.safetensors"\ndataset = "images"\n'
+    path = tmp_path / "run.toml"
+    path.write_text("num_vectors = 0\n" + run.format("embedding", "my token"))
+    with pytest.raises(ConfigError) as error:
+        read_run_file(path)
+    for expected in ("name is 'my token'", "init_word is empty", "num_vectors is 0"):
+        assert expected in str(error.value), expected
+    path.write_text("pivotal = true\n" + run.format("lora", "demo"))
+    with pytest.raises(ConfigError, match="pivotal is true but run.method is 'lora'"):
+        read_run_file(path)
+    config = TrainConfig(init_word="red", num_vectors=2, pivotal=True, rank=4)
+    path.write_text(config.to_toml() + run.format("embedding", "tkred"))
+    assert read_run_file(path).config == config
