@@ -267,7 +267,7 @@ def _denoiser_weights(bridge):
 def _trace_session_step(session, batch: int, size: tuple[int, int], checkpointing: bool) -> StepTrace:
     """One step of the session's model on a synthetic batch of `size`, counted on fake tensors."""
     bridge, network = session.bridge, session.network
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():
         # Real: the text encoders' output shapes (one caption of the run; cheap beside a step).
         prompt = bridge.encode_prompts([session.dataset.images[0].caption])[0]
     width, height = size
@@ -277,7 +277,8 @@ def _trace_session_step(session, batch: int, size: tuple[int, int], checkpointin
     precision = getattr(session, "precision", None)
     autocast = precision.autocast if precision is not None else nullcontext
     options = {"gradient_checkpointing": True} if checkpointing else {}
-    if getattr(getattr(session, "feed", None), "text_trains", False):
+    text_trains = getattr(getattr(session, "feed", None), "text_trains", False)
+    if text_trains:
         options["text"] = True  # as the session trains: each clone attaches its own branches
 
     def forward():
@@ -290,10 +291,29 @@ def _trace_session_step(session, batch: int, size: tuple[int, int], checkpointin
     try:
         training = bridge.training(network.attach, network.detach, **options)
         with torch.inference_mode(False), torch.enable_grad(), training:
-            return trace_step(forward, lambda loss: loss.backward())
+            text = _text_encoder_saved(bridge, [session.dataset.images[0].caption] * batch) if text_trains else []
+            return _with_saved(trace_step(forward, lambda loss: loss.backward()), text)
     finally:
         for parameter in network.parameters():
             parameter.grad = None  # fake gradients must not reach the real optimizer
+
+
+def _text_encoder_saved(bridge, captions: list[str]) -> list[tuple[int, int]]:
+    """The blocks a training text encoder keeps for backward over one batch: they stay live through the
+    UNet's forward and backward. Counted on real tensors (the text side is small beside the UNet)."""
+    with LiveBytes() as live:
+        prompts = bridge.encode_prompts(captions)
+        saved = list(live.events)  # before the prompts are freed: what the step holds while they feed it
+    del prompts
+    freed = {token for token, size in saved if size == FREED}
+    return [(token, size) for token, size in saved if size != FREED and token not in freed]
+
+
+def _with_saved(trace: StepTrace, blocks: list[tuple[int, int]]) -> StepTrace:
+    """`trace` with `blocks` live from its start to its end (their tokens kept apart from the trace's)."""
+    held = sum(size for _, size in blocks)
+    events = [(-1 - token, size) for token, size in blocks] + trace.events
+    return StepTrace(trace.after_forward + held, trace.peak + held, events)
 
 
 # ----- fitting -----

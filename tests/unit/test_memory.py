@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import FakeBridge, SpatialTransformer
+from fakes import FakeBridge, FakeTextBridge, SpatialTransformer
 from helpers import make_session
 from torch.utils.checkpoint import checkpoint
 from tunekit.trainer import memory
@@ -91,6 +91,34 @@ def test_checkpointing_and_smaller_batches_lower_the_estimate():
     assert full.adapter_weights == full.gradients == tensor_bytes(session.network.parameters())
     assert full.optimizer_state == 2 * full.adapter_weights  # AdamW: two fp32 moments
     assert full.base_weights > 0 and all(p.grad is None for p in session.network.parameters())
+
+
+def test_a_training_text_encoder_adds_what_it_keeps_for_backward():
+    frozen_text = memory.estimate_memory(make_session(bridge=FakeTextBridge(), batch_size=4))
+    session = make_session(bridge=FakeTextBridge(), batch_size=4, text_encoders="all")
+    trained_text = memory.estimate_memory(session)
+    kept = text_encoder_saved_bytes(session, batch=4)
+    added = trained_text.activations - frozen_text.activations
+    print(f"text encoder keeps {kept} B for backward; the estimate adds {added} B")
+    assert kept > 0 and kept <= added <= 2 * kept  # its outputs (the prompts) are held too
+    assert trained_text.step_peak - frozen_text.step_peak == added
+
+
+def text_encoder_saved_bytes(session, batch: int) -> int:
+    """What autograd saves in the text encoder's forward, seen through saved-tensor hooks (not LiveBytes);
+    weights (saved too, but held before training) left out."""
+    storages = {}
+    bridge, network = session.bridge, session.network
+    weights = {p.untyped_storage().data_ptr() for p in [*network.parameters(), *bridge.text_encoder.parameters()]}
+
+    def keep(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.inference_mode(False), torch.enable_grad(), bridge.training(network.attach, network.detach, text=True):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            bridge.encode_prompts([session.dataset.images[0].caption] * batch)
+    return sum(size for pointer, size in storages.items() if pointer not in weights)
 
 
 def tensor_bytes(parameters) -> int:
