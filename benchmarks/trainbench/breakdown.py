@@ -5,7 +5,8 @@
 Variants, each timed `repeats` times (min and median kept), with its FLOPs counted:
   forward            the UNet forward, no autograd (what sampling costs)
   frozen_fwd_bwd     forward + backward to the input through the frozen aliases, no LoRA: the seam's floor
-  lora_<preset>      TuneKit's step: FrozenBase + AdapterNetwork hooks, MSE, backward, AdamW
+  lora_<preset>      TuneKit's step: FrozenBase + AdapterNetwork hooks, wide low-resolution convolutions as
+                     matmuls (trainer/conv_matmul.py), MSE, backward, AdamW
 and the same under SDPA attention when ComfyUI's default is another one (CPU: sub-quadratic). A
 torch.profiler table of the `lora_all` step is written too.
 """
@@ -28,6 +29,7 @@ def main() -> None:
         wc.import_tunekit()
         import comfy.ldm.modules.attention as attention
         from tunekit.trainer.adapters import AdapterNetwork, select_targets
+        from tunekit.trainer.conv_matmul import matmul_convolutions
         from tunekit.trainer.frozen import FrozenBase
 
         patcher = wc.build_comfy_model(spec)
@@ -96,17 +98,21 @@ def main() -> None:
                                              spec["rank"], spec["rank"])
                     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
                     network.attach()
-                    timed(f"lora_{preset}" + suffix, lora_step(network, optimizer))
-                    if preset == "all" and not suffix:
-                        from torch.profiler import ProfilerActivity, profile
-
-                        with profile(activities=[ProfilerActivity.CPU]) as prof:
-                            lora_step(network, optimizer)()
-                        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-                        Path(str(out) + ".profile.txt").write_text(table)
+                    with matmul_convolutions(unet):
+                        timed(f"lora_{preset}" + suffix, lora_step(network, optimizer))
+                        if preset == "all" and not suffix:
+                            write_profile(lora_step(network, optimizer), Path(str(out) + ".profile.txt"))
                     network.detach()
             attention.optimized_attention = default_attention
             frozen.restore()
+
+
+def write_profile(step, path: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 if __name__ == "__main__":
