@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from tunekit.trainer.conv_matmul import conv_as_matmul, matmul_convolutions
 
 

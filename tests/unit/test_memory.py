@@ -115,9 +115,10 @@ def text_encoder_saved_bytes(session, batch: int) -> int:
         storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
-    with torch.inference_mode(False), torch.enable_grad(), bridge.training(network.attach, network.detach, text=True):
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            bridge.encode_prompts([session.dataset.images[0].caption] * batch)
+    training = bridge.training(network.attach, network.detach, text=True)
+    with torch.inference_mode(False), torch.enable_grad(), training, \
+            torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        bridge.encode_prompts([session.dataset.images[0].caption] * batch)
     return sum(size for pointer, size in storages.items() if pointer not in weights)
 
 
