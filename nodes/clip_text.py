@@ -12,16 +12,23 @@ import re
 import torch
 from comfy.sd1_clip import SDTokenizer
 
-_ENCODER_PATH = re.compile(r"^(?P<encoder>[^.]+)\.transformer\.(?P<path>text_model\..+)$")
+# ComfyUI keeps each encoder's transformers model under '<encoder>.transformer.' of the CLIP's cond_stage_model.
+_ENCODER_PATH = re.compile(r"^(?P<encoder>[^.]+)\.transformer\.(?P<path>text_model\..+|text_projection)$")
 
 
 def text_encoder_modules(cond_stage_model) -> dict[str, dict[str, torch.nn.Module]]:
-    """'clip_l' -> {'text_model.encoder.layers.0.mlp.fc1': module, ...}, in the model's order."""
+    """'clip_l' -> {'text_model.encoder.layers.0.mlp.fc1': module, ..., 'text_projection': module}, in the
+    model's order."""
     encoders: dict[str, dict[str, torch.nn.Module]] = {}
     for name, module in cond_stage_model.named_modules():
         if match := _ENCODER_PATH.match(name):
             encoders.setdefault(match["encoder"], {})[match["path"]] = module
     return encoders
+
+
+def clip_weight_key(encoder: str, path: str) -> str:
+    """The cond_stage_model key of an encoder's weight by transformers path (text_encoder_modules' inverse)."""
+    return f"{encoder}.transformer.{path}"
 
 
 def sub_tokenizers(tokenizer) -> dict[str, SDTokenizer]:

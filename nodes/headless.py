@@ -28,6 +28,7 @@ from ..trainer.finetune import FullFineTune
 from ..trainer.memory import explained_out_of_memory
 from ..trainer.runfile import RunFile, run_table
 from ..trainer.session import TrainSession
+from ..trainer.text_encoders import chosen_encoders
 
 log = logging.getLogger("tunekit")
 LOG_EVERY = 10
@@ -81,7 +82,7 @@ def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: 
     log.info("dataset: %s", dataset.summary())
     model, clip, vae = load_checkpoint(run.checkpoint)
     bridge, host = ComfyModelBridge(model, clip, vae), ConsoleHost(every)
-    trainable = full_finetune(model, bridge) if run.method == "finetune" else None
+    trainable = full_finetune(model, bridge, run.config) if run.method == "finetune" else None
     if run.method == "embedding":
         trainable = TokenEmbedding.from_init_word(bridge, run.name, run.config.init_word, run.config.num_vectors)
     session = _start_session(bridge, dataset, run, resume, trainable)
@@ -101,8 +102,8 @@ def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: 
     elif run.method == "embedding":
         saved = save_run_embedding(session, trainable, run.name)
     else:
-        trained = with_weights(model, trainable.trained_weights(device=model.offload_device))
-        saved = write_checkpoint(unused_path(session.run_dir / f"{run.name}.safetensors"), trained, clip, vae,
+        trained, trained_clip = finetuned_models(model, clip, trainable)
+        saved = write_checkpoint(unused_path(session.run_dir / f"{run.name}.safetensors"), trained, trained_clip, vae,
                                  session.config, session.step)
     return _report(result.losses, session.step, saved)
 
@@ -181,19 +182,47 @@ def save_run_embedding(session: TrainSession, embedding: TokenEmbedding, name: s
     return path
 
 
-def full_finetune(model, bridge) -> FullFineTune:
-    """A training copy of every denoiser weight, made from the weights this MODEL samples with (its own
-    patches applied)."""
+def full_finetune(model, bridge, config: TrainConfig | None = None) -> FullFineTune:
+    """A training copy of every denoiser weight and of every weight of the text encoders `config.text_encoders`
+    names, made from the weights this MODEL and CLIP sample with (their own patches applied)."""
     import comfy.model_management
 
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    return FullFineTune(bridge.denoiser_modules()[""], bridge.device)
+    text = config is not None and config.text_encoders != "none"
+    encoders = chosen_encoders(bridge.text_encoder_modules(), config) if text else None
+    comfy.model_management.load_models_gpu([model, *([bridge.clip.patcher] if text else [])], force_full_load=True)
+    return FullFineTune(bridge.denoiser_modules()[""], bridge.device, encoders)
+
+
+def finetuned_models(model, clip, trainable: FullFineTune):
+    """(MODEL, CLIP) with the trained weights: clones of the graph's; the CLIP only where its encoders trained."""
+    trained = with_weights(model, trainable.trained_weights(device=model.offload_device))
+    if not trainable.trains_text:
+        return trained, clip
+    return trained, clip_with_weights(clip, trainable.text_encoder_weights(device=clip.patcher.offload_device))
 
 
 def with_weights(model, weights: dict):
     """A clone of `model` whose denoiser weights are `weights` ('set' patches: applied when it loads)."""
     trained = model.clone()
     trained.add_patches({f"diffusion_model.{name}": ("set", (tensor,)) for name, tensor in weights.items()}, 1.0, 1.0)
+    return trained
+
+
+def clip_with_weights(clip, encoders: dict):
+    """A clone of `clip` whose text-encoder weights are `encoders` (name -> {transformers path: tensor}), as
+    'set' patches in the dtype the CLIP keeps its weights in: the checkpoint writer saves what it samples with."""
+    from .clip_text import clip_weight_key
+
+    trained = clip.clone()
+    host = trained.cond_stage_model.state_dict()
+    patches = {}
+    for encoder, weights in encoders.items():
+        for path, tensor in weights.items():
+            key = clip_weight_key(encoder, path)
+            patches[key] = ("set", (tensor.to(host[key].dtype) if key in host else tensor,))
+    if missing := set(patches) - set(trained.add_patches(patches, 1.0, 1.0)):
+        raise TuneKitError(f"this ComfyUI's CLIP has no weight named {min(missing)} ({len(missing)} trained "
+                           f"text-encoder weights unplaced): please report it with your ComfyUI version.")
     return trained
 
 

@@ -38,8 +38,11 @@ class FullFineTune(nn.Module):
         with torch.inference_mode(False), torch.no_grad():
             for part, key, module, attribute in _host_parameters(root, text_encoders or {}):
                 parameter = module._parameters[attribute]
-                dtype = None if part == UNET_PART else _text_encoder_dtype(parameter)
-                copies.append(nn.Parameter(_trainable_copy(key, parameter, device, dtype)))
+                if part == UNET_PART:
+                    copy = _trainable_copy(key, parameter, device)
+                else:  # where the host loaded its text encoder (its own device)
+                    copy = _trainable_copy(key, parameter, None, _text_encoder_dtype(parameter))
+                copies.append(nn.Parameter(copy))
                 self._slots.append((part, key, module, attribute))
         self.weights = nn.ParameterList(copies)
         self._swapped: list[tuple[str, nn.Module, str, nn.Parameter]] = []

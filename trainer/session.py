@@ -196,7 +196,7 @@ class TrainSession:
 
     # Settings a resumed run must share with the saved one: they shape the weights or the optimizer state.
     RESUME_MUST_MATCH = ("rank", "alpha", "targets", "network", "conv_rank", "conv_alpha", "target_pattern",
-                         "lokr_factor", "optimizer", "ema_decay", "mixed_precision",
+                         "lokr_factor", "optimizer", "ema_decay", "mixed_precision", "text_encoders",
                          "num_vectors", "pivotal")
 
     def _check_resumable(self, folder: Path, saved: TrainConfig) -> None:
