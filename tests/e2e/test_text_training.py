@@ -213,3 +213,56 @@ def test_pivotal_tuning_learns_more_than_the_embedding_and_its_files_reload_as_t
           f"{(from_files - latents['piv_graph']).abs().max().item():.2e}, max pixel difference {pixels}/255")
     assert pixels <= 1
 
+
+def mean_up(path, prefix: str) -> float:
+    """Mean |lora_up| over the file's branches named `prefix`*."""
+    with safetensors.safe_open(str(path), "pt") as handle:
+        ups = [handle.get_tensor(key).float().abs().mean().item() for key in handle.keys()  # noqa: SIM118 (not a dict)
+               if key.startswith(prefix) and key.endswith(".lora_up.weight")]
+    assert ups, f"no {prefix}* branches in {path.name}"
+    return sum(ups) / len(ups)
+
+
+def test_sdxl_text_encoder_lora_trains_both_encoders_at_their_own_rates_and_reloads_through_loraloader(comfy, red_dataset):
+    """SDXL (tiny UNet, full-size CLIP-L and CLIP-G), text_encoders 'all': lora_te1 at text_encoder_lr, lora_te2 at
+    text_encoder_2_lr (10x lower: Adam moves a fresh branch's up weights by about its rate a step). Learning is the
+    fixed-noise loss on the training images (Sample & Validate) at step 0 and at the end."""
+    sdxl = tiny_checkpoint(comfy, "sdxl")
+    Image.new("RGB", (64, 64), RED).save(comfy.input_dir / "e2e_red_reference.png")
+    graph = train_graph(sdxl, red_dataset, "e2e_sdxl_te", steps=8, lora_file="e2e_sdxl_te", text_encoders="all",
+                        learning_rate=4e-3, text_encoder_lr=1e-3, text_encoder_2_lr=1e-4, monitor=["monitor", 0])
+    graph["monitor"] = monitor_node(validation=["data", 0], every=8, prompts="")
+    add_sampling(graph, ["train", 0], ["train", 1], "sdxl_te_trained", steps=2)
+    add_sampling(graph, ["ckpt", 0], ["train", 1], "sdxl_te_clip_only", steps=2)  # the CLIP output alone
+    add_sampling(graph, ["ckpt", 0], ["ckpt", 1], "sdxl_te_base", steps=2)
+    encode_reference(graph)
+    mark = comfy.log_mark()
+    latents = saved_latents(comfy, comfy.run(graph, timeout=2400))
+    first, last = map(float, re.search(r"fixed noise\): step 0 (\d+\.\d+) -> step 8 (\d+\.\d+)",
+                                       comfy.log_text(mark)).groups())
+    target = latents["reference"]
+    clip_effect = (latents["sdxl_te_clip_only"] - latents["sdxl_te_base"]).abs().max().item()
+    print(f"\nSDXL TE LoRA: fixed-noise loss on the training images step 0 -> 8: {first:.4f} -> {last:.4f}; latent distance to the "
+          f"training image: base {distance(latents['sdxl_te_base'], target):.4f}, trained "
+          f"{distance(latents['sdxl_te_trained'], target):.4f}; max |base MODEL with trained CLIP - base| {clip_effect:.4f}")
+    assert last < first
+    assert distance(latents["sdxl_te_trained"], target) < distance(latents["sdxl_te_base"], target)
+    assert clip_effect > 1e-3, "the CLIP output carries no trained encoder"
+
+    path = max((comfy.workdir / "models" / "loras").glob("e2e_sdxl_te*.safetensors"))
+    te1, te2 = mean_up(path, "lora_te1_text_model_encoder_layers_"), mean_up(path, "lora_te2_text_model_encoder_layers_")
+    print(f"mean |lora_up| after 8 steps: lora_te1 (lr 1e-3) {te1:.2e}, lora_te2 (lr 1e-4) {te2:.2e}")
+    assert te1 > 3 * te2
+    reload = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sdxl}},
+        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": path.name,
+                                                        "strength_model": 1.0, "strength_clip": 1.0}},
+    }
+    add_sampling(reload, ["lora", 0], ["lora", 1], "sdxl_te_reloaded", steps=2)
+    mark = comfy.log_mark()
+    reloaded = saved_latents(comfy, comfy.run(reload, timeout=900))["sdxl_te_reloaded"]
+    no_unloaded_lora_keys(comfy.log_text(mark))
+    difference = (reloaded - latents["sdxl_te_trained"]).abs().max().item()
+    print(f"max |in-graph MODEL/CLIP - LoraLoader| latent = {difference:.2e}")
+    assert difference <= 1 / 255
+    comfy.free()
