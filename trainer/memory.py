@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .errors import TuneKitError
-from .host import SizeInfo
+from .host import PromptEmbedding, SizeInfo
 
 log = logging.getLogger(__name__)
 MB = 2**20
@@ -284,36 +284,42 @@ def _trace_session_step(session, batch: int, size: tuple[int, int], checkpointin
     def forward():
         noisy = torch.randn(latent_shape, device=bridge.device)
         timesteps = torch.full((batch,), 500, device=bridge.device)
+        # A training text encoder (or embedding) gets the gradient of the captions' context: backward computes it.
+        prompts = [_needing_grad(prompt) if text_trains else prompt] * batch
         with autocast():
-            prediction = bridge.predict(noisy, timesteps, [prompt] * batch, sizes)
+            prediction = bridge.predict(noisy, timesteps, prompts, sizes)
         return prediction.float().square().mean()
 
     try:
         training = bridge.training(network.attach, network.detach, **options)
         with torch.inference_mode(False), torch.enable_grad(), training:
-            text = _text_encoder_saved(bridge, [session.dataset.images[0].caption] * batch) if text_trains else []
-            return _with_saved(trace_step(forward, lambda loss: loss.backward()), text)
+            held = _text_encoder_saved(bridge, [session.dataset.images[0].caption] * batch) if text_trains else 0
+            return _with_held(trace_step(forward, lambda loss: loss.backward()), held)
     finally:
         for parameter in network.parameters():
             parameter.grad = None  # fake gradients must not reach the real optimizer
 
 
-def _text_encoder_saved(bridge, captions: list[str]) -> list[tuple[int, int]]:
-    """The blocks a training text encoder keeps for backward over one batch: they stay live through the
-    UNet's forward and backward. Counted on real tensors (the text side is small beside the UNet)."""
+def _needing_grad(prompt: PromptEmbedding) -> PromptEmbedding:
+    pooled = prompt.pooled.detach().requires_grad_() if prompt.pooled is not None else None
+    return PromptEmbedding(prompt.context.detach().requires_grad_(), pooled)
+
+
+def _text_encoder_saved(bridge, captions: list[str]) -> int:
+    """Bytes a training text encoder keeps for backward over one batch (its saved activations, and the weights
+    it casts to the compute dtype): they stay live through the UNet's forward and backward. Counted on real
+    tensors (the text side is small beside the UNet)."""
     with LiveBytes() as live:
         prompts = bridge.encode_prompts(captions)
-        saved = list(live.events)  # before the prompts are freed: what the step holds while they feed it
+        held = live.live  # before the prompts are freed: what the step holds while they feed it
     del prompts
-    freed = {token for token, size in saved if size == FREED}
-    return [(token, size) for token, size in saved if size != FREED and token not in freed]
+    return held
 
 
-def _with_saved(trace: StepTrace, blocks: list[tuple[int, int]]) -> StepTrace:
-    """`trace` with `blocks` live from its start to its end (their tokens kept apart from the trace's)."""
-    held = sum(size for _, size in blocks)
-    events = [(-1 - token, size) for token, size in blocks] + trace.events
-    return StepTrace(trace.after_forward + held, trace.peak + held, events)
+def _with_held(trace: StepTrace, held: int) -> StepTrace:
+    """`trace` with `held` more bytes live from its start to its end: one block, since blocks held that long
+    leave no holes in the heap (the churn of the step's own blocks does)."""
+    return StepTrace(trace.after_forward + held, trace.peak + held, [(-1, held), *trace.events])
 
 
 # ----- fitting -----
