@@ -17,6 +17,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import comfy_host as harness  # noqa: E402
 from .test_train_lora import RED, add_sampling, encode_reference, saved_latents, sd15, solid_folder  # noqa: E402,F401
+from .test_training_options import option_defaults
 
 CLASS_PROMPT = "a photo of a dog"
 
@@ -38,11 +39,11 @@ def class_images_node(count, seed=100, prompt=CLASS_PROMPT, steps=4):
         "width": 64, "height": 64}}
 
 
-def finetune_node(dataset, run_name, steps, learning_rate=2e-4, save_diffusers=False):
+def finetune_node(dataset, run_name, steps, learning_rate=2e-4, save_diffusers=False, **optional):
     return {"class_type": "TuneKitFineTune", "inputs": {
         "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "dataset": dataset, "run_name": run_name,
         "steps": steps, "learning_rate": learning_rate, "batch_size": 1, "resolution": 64, "seed": 0,
-        "save_every": 0, "resume": False, "save_diffusers": save_diffusers}}
+        "save_every": 0, "resume": False, "save_diffusers": save_diffusers, **optional}}
 
 
 def sample_prompt(graph, model, prefix, text, seed=7, steps=4):
@@ -91,6 +92,60 @@ def test_finetune_learns_and_its_checkpoint_reloads_to_the_same_image(comfy, sd1
     difference = (reloaded - latents["ft_trained"]).abs().max().item()
     print(f"max |trained MODEL - reloaded checkpoint| latent = {difference:.2e}")
     assert difference == 0.0
+
+
+def test_finetune_with_the_text_encoder_options_and_monitor_reloads_to_the_same_image(comfy, sd15):
+    """train_text_encoder: the CLIP output carries the trained encoder and the checkpoint holds it; Training
+    Options and Sample & Validate work on Fine-tune as on Train LoRA."""
+    Image.new("RGB", (64, 64), RED).save(comfy.input_dir / "e2e_red_reference.png")
+    red = solid_folder(comfy.input_dir, "e2e_ftte_red", caption="tkred").name
+    graph = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15}},
+             "data": dataset_node(red),
+             "options": {"class_type": "TuneKitTrainingOptions", "inputs": {
+                 **option_defaults(comfy), "lr_scheduler": "cosine", "min_snr_gamma": 5.0}},
+             "monitor": {"class_type": "TuneKitSampleAndValidate", "inputs": {
+                 "every": 6, "prompts": "tkred", "negative_prompt": "", "seed": 5, "steps": 2, "cfg": 1.0,
+                 "sampler_name": "euler", "scheduler": "normal", "width": 64, "height": 64,
+                 "validation_count": 1, "validation_seed": 0}},
+             "train": finetune_node(["data", 0], "e2e_ftte", steps=6, learning_rate=2e-4, train_text_encoder=True,
+                                    text_encoder_lr=1e-4, options=["options", 0], monitor=["monitor", 0])}
+    for prefix, model, clip in (("ftte_trained", ["train", 0], ["train", 3]), ("ftte_clip_only", ["ckpt", 0], ["train", 3]),
+                                ("ftte_model_only", ["train", 0], ["ckpt", 1]), ("ftte_base", ["ckpt", 0], ["ckpt", 1])):
+        add_sampling(graph, model, clip, prefix, steps=4)
+    encode_reference(graph)
+    with harness.RssSampler(comfy.pid) as rss:
+        history = comfy.run(graph, timeout=2400)
+    latents = saved_latents(comfy, history)
+    report = report_of(history, "train")
+    # the fixed-noise validation loss on the held-out image (training losses of single steps are too noisy)
+    first, last = (float(x) for x in re.search(r"fixed noise\): step 0 (\d+\.\d+) -> step 6 (\d+\.\d+)", report).groups())
+    distance = {name: (latents[name] - latents["reference"]).pow(2).mean().item()
+                for name in ("ftte_base", "ftte_clip_only", "ftte_model_only", "ftte_trained")}
+    clip_effect = (latents["ftte_clip_only"] - latents["ftte_base"]).abs().max().item()
+    print(f"\nfine-tune + text encoder: {report.splitlines()[0]}")
+    print("latent distance to the training image: " + ", ".join(f"{k} {v:.4f}" for k, v in distance.items()))
+    print(f"max |base MODEL with trained CLIP - base| latent = {clip_effect:.4f}")
+    print(f"server RSS during the workflow: peak {rss.peak_bytes / 2**20:.0f} MiB (+{rss.delta_bytes / 2**20:.0f} MiB)")
+    assert last < first, report
+    assert distance["ftte_trained"] < distance["ftte_base"]
+    assert clip_effect > 1e-3, "the CLIP output carries no trained text encoder"
+    assert "samples at steps 0, 6" in report, report
+    run_dir = Path(re.search(r"Run folder: ([^;\s]+)", report).group(1))
+    config = (run_dir / "config.toml").read_text()
+    for line in ('text_encoders = "all"', "text_encoder_lr = 0.0001", 'lr_scheduler = "cosine"', "min_snr_gamma = 5.0",
+                 'method = "finetune"'):
+        assert line in config, f"{line} missing from {run_dir / 'config.toml'}"
+
+    checkpoint = Path(report.split("Checkpoint: ")[-1].split()[0])
+    reload = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint.name}}}
+    add_sampling(reload, ["ckpt", 0], ["ckpt", 1], "ftte_reloaded", steps=4)
+    reloaded = saved_latents(comfy, comfy.run(reload, timeout=900))["ftte_reloaded"]
+    difference = (reloaded - latents["ftte_trained"]).abs().max().item()
+    without_text = (reloaded - latents["ftte_model_only"]).abs().max().item()
+    print(f"max |trained MODEL+CLIP - reloaded checkpoint| latent = {difference:.2e}; "
+          f"vs the trained MODEL with the base CLIP {without_text:.4f}")
+    assert difference <= 1 / 255
+    assert without_text > 1e-3, "the checkpoint lacks the trained text encoder"
 
 
 def test_prior_preservation_keeps_the_class_prompt_near_the_base_model(comfy, sd15, instance_folder):
