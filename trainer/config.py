@@ -73,7 +73,9 @@ class TrainConfig:
     deterministic: bool = False
     loss_every: int = 10  # read the loss back to Python (and check it) every N steps
     # ----- text encoders -----
-    text_encoders: str = "none"  # LoRA on CLIP too: none, all, te1 (SD1's encoder / SDXL CLIP-L), te2 (SDXL CLIP-G)
+    # which text encoders train too (a LoRA on them; Fine-tune: every weight): none, all, te1 (SD1's encoder / SDXL
+    # CLIP-L), te2 (SDXL CLIP-G)
+    text_encoders: str = "none"
     text_encoder_2_lr: float = 0.0  # SDXL CLIP-G; 0: as text_encoder_lr
     # ----- textual inversion (trainer/embeddings.py; checked there with the embedding's name) -----
     init_word: str = ""  # the new word's vectors start from this word's token embeddings

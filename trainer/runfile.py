@@ -21,8 +21,9 @@ from .errors import ConfigError
 RUN_TABLE = "run"
 # [run] keys: what each holds, for the messages.
 RUN_KEYS = {
-    "method": "'lora' (Train LoRA), 'finetune' (Fine-tune: every UNet weight, saved as a checkpoint) or 'embedding' "
-              "(Train Embedding: textual inversion of init_word / num_vectors; pivotal = true adds a UNet LoRA)",
+    "method": "'lora' (Train LoRA), 'finetune' (Fine-tune: every UNet weight, and every text-encoder weight with "
+              "text_encoders, saved as a checkpoint) or 'embedding' (Train Embedding: textual inversion of init_word / "
+              "num_vectors; pivotal = true adds a UNet LoRA)",
     "name": "the run's name (its folder and the LoRA or checkpoint file)",
     "checkpoint": "the model checkpoint (.safetensors / .ckpt) ComfyUI loads",
     "dataset": "a folder of images with caption files, or a kohya dataset .toml",
