@@ -25,7 +25,7 @@ from .headless import node_run_table
 from .memory_fit import fit_session
 from .monitor_nodes import MonitorType, build_monitor, split_for
 from .network_nodes import NetworkType
-from .options_nodes import OptionsType
+from .options_nodes import OPTIONS_INPUT_HELP, OptionsType
 from .paths import latent_cache_directory, loras_directory
 from .train_nodes import CATEGORY, start_session, train_to_end, training_report
 
@@ -97,10 +97,7 @@ class TrainEmbedding(io.ComfyNode):
                                   tooltip="From LoRA Network Settings, for the pivotal LoRA: conv rank/alpha, a custom "
                                           "target pattern, or a LoRA file to continue. Needs lora_rank above 0."),
                 OptionsType.Input("options", optional=True,
-                                  tooltip="From Training Options: optimizer, LR schedule, gradient accumulation, Min-SNR, "
-                                          "noise offset, timestep bias, caption dropout, EMA, mixed precision, gradient "
-                                          "checkpointing, clip skip, as for Train LoRA (its unet_lr is lora_learning_rate "
-                                          "here). Without it: AdamW at a constant learning rate, fp32."),
+                                  tooltip=OPTIONS_INPUT_HELP + " Its unet_lr is lora_learning_rate here."),
                 MonitorType.Input("monitor", optional=True,
                                   tooltip="From Sample & Validate Settings: samples and validation loss every N steps, "
                                           "shown on this node and saved in the run folder. Write embedding:<name> in its "

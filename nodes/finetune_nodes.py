@@ -16,7 +16,7 @@ from .convert_nodes import _comfy_tokenizer
 from .dataset_nodes import DatasetType
 from .headless import finetuned_models, full_finetune, node_run_table, write_checkpoint
 from .monitor_nodes import MonitorType, build_monitor, split_for
-from .options_nodes import OptionsType
+from .options_nodes import OPTIONS_INPUT_HELP, OptionsType
 from .paths import checked_name, latent_cache_directory
 from .train_nodes import CATEGORY, start_session, train_to_end, training_report
 
@@ -83,9 +83,7 @@ class FineTune(io.ComfyNode):
                 io.Float.Input("text_encoder_2_lr", default=0.0, min=0.0, max=1.0, step=1e-7, optional=True,
                                tooltip="SDXL's CLIP-G learning rate with train_text_encoder; 0: text_encoder_lr."),
                 OptionsType.Input("options", optional=True,
-                                  tooltip="From Training Options: optimizer, LR schedule, gradient accumulation, Min-SNR, "
-                                          "noise offset, timestep bias, caption dropout, EMA, mixed precision, gradient "
-                                          "checkpointing, clip skip. Without it: AdamW at a constant learning rate, fp32."),
+                                  tooltip=OPTIONS_INPUT_HELP),
                 MonitorType.Input("monitor", optional=True,
                                   tooltip="From Sample & Validate Settings: samples and validation loss every N steps, "
                                           "shown on this node and saved in the run folder."),

@@ -16,6 +16,10 @@ from ..trainer.config import (
 )
 
 OptionsType = io.Custom("TUNEKIT_TRAINING_OPTIONS")
+# The tooltip of every trainer's `options` input.
+OPTIONS_INPUT_HELP = ("From Training Options: optimizer, LR schedule, gradient accumulation, Min-SNR, noise offset, "
+                      "timestep bias, caption dropout, EMA, mixed precision, gradient checkpointing, clip skip. Without "
+                      "it: AdamW at a constant learning rate, fp32.")
 DEFAULTS = TrainConfig()
 
 OPTIMIZER_HELP = (

@@ -21,7 +21,7 @@ from .lora_type import KohyaLoRA
 from .memory_fit import fit_session, out_of_memory_types
 from .monitor_nodes import MonitorType, build_monitor, split_for
 from .network_nodes import NetworkType
-from .options_nodes import OptionsType
+from .options_nodes import OPTIONS_INPUT_HELP, OptionsType
 from .paths import checked_name, latent_cache_directory, loras_directory, run_directory
 
 log = logging.getLogger("tunekit")
@@ -90,9 +90,7 @@ class TrainLoRA(io.ComfyNode):
                                    f"'{name}': {spec.cost}." for name, spec in ALGORITHMS.items())
                                        + " LoHa, LoKr and DoRA save LyCORIS keys, which ComfyUI and A1111/Forge load."),
                 OptionsType.Input("options", optional=True,
-                                  tooltip="From Training Options: optimizer, LR schedule, gradient accumulation, Min-SNR, "
-                                          "noise offset, timestep bias, caption dropout, EMA, mixed precision, gradient "
-                                          "checkpointing, clip skip. Without it: AdamW at a constant learning rate, fp32."),
+                                  tooltip=OPTIONS_INPUT_HELP),
                 NetworkType.Input("network_settings", optional=True,
                                   tooltip="From LoRA Network Settings: conv rank/alpha, a custom target pattern, LoKr's "
                                           "factor, or a LoRA file to continue training."),
