@@ -69,17 +69,28 @@ def test_text_encoder_lora_learns_and_its_file_reloads_through_loraloader_clip_s
         metadata = handle.metadata()
     assert (metadata["ss_network_train_unet_only"], metadata["ss_text_encoder_lr"]) == ("False", "0.001")
     assert len(te_keys) == 12 * 6 * 3, len(te_keys)  # 12 layers x q/k/v/out/fc1/fc2 x down/up/alpha
-    reload = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15}},
-        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": path.name,
-                                                        "strength_model": 1.0, "strength_clip": 1.0}},
-    }
-    add_sampling(reload, ["lora", 0], ["lora", 1], "te_reloaded", steps=4)
-    mark = comfy.log_mark()
-    reloaded = saved_latents(comfy, comfy.run(reload, timeout=900))["te_reloaded"]
-    no_unloaded_lora_keys(comfy.log_text(mark))
+    reloaded = sampled_through_loraloader(comfy, sd15, path.name, "te_reloaded", steps=4)
     print(f"max |in-graph - LoraLoader| = {(reloaded - latents['te_trained']).abs().max().item():.2e}")
     torch.testing.assert_close(reloaded, latents["te_trained"], rtol=1e-4, atol=1e-4)
+
+
+def loraloader_graph(checkpoint: str, lora_name: str) -> dict:
+    """CheckpointLoaderSimple + LoraLoader at model and clip strength 1: how a user loads the saved file."""
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": lora_name,
+                                                        "strength_model": 1.0, "strength_clip": 1.0}},
+    }
+
+
+def sampled_through_loraloader(comfy, checkpoint: str, lora_name: str, name: str, steps: int) -> torch.Tensor:
+    """The latent the saved file samples through ComfyUI's own loaders, checking that every key of it loaded."""
+    graph = loraloader_graph(checkpoint, lora_name)
+    add_sampling(graph, ["lora", 0], ["lora", 1], name, steps=steps)
+    mark = comfy.log_mark()
+    latent = saved_latents(comfy, comfy.run(graph, timeout=900))[name]
+    no_unloaded_lora_keys(comfy.log_text(mark))
+    return latent
 
 
 def sample_prompt(graph, clip, text, prefix):
@@ -193,11 +204,7 @@ def test_pivotal_tuning_learns_more_than_the_embedding_and_its_files_reload_as_t
         keys, metadata = list(handle.keys()), handle.metadata()
     assert keys and all(key.startswith("lora_unet_") for key in keys)
     assert metadata["modelspec.trigger_phrase"] == f"embedding:{saved}" and metadata["ss_network_dim"] == "8"
-    reload = {
-        "ckpt": graph["ckpt"],
-        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": lora_name,
-                                                        "strength_model": 1.0, "strength_clip": 1.0}},
-    }
+    reload = loraloader_graph(sd15, lora_name)
     add_sampling(reload, ["lora", 0], ["lora", 1], "piv_file", steps=4)
     reload["piv_file_pos"]["inputs"]["text"] = f"embedding:{saved}"
     decode_image(reload, ["piv_file_sample", 0], "piv_file")
@@ -253,15 +260,7 @@ def test_sdxl_text_encoder_lora_trains_both_encoders_at_their_own_rates_and_relo
     te1, te2 = mean_up(path, "lora_te1_text_model_encoder_layers_"), mean_up(path, "lora_te2_text_model_encoder_layers_")
     print(f"mean |lora_up| after 8 steps: lora_te1 (lr 1e-3) {te1:.2e}, lora_te2 (lr 1e-4) {te2:.2e}")
     assert te1 > 3 * te2
-    reload = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sdxl}},
-        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": path.name,
-                                                        "strength_model": 1.0, "strength_clip": 1.0}},
-    }
-    add_sampling(reload, ["lora", 0], ["lora", 1], "sdxl_te_reloaded", steps=2)
-    mark = comfy.log_mark()
-    reloaded = saved_latents(comfy, comfy.run(reload, timeout=900))["sdxl_te_reloaded"]
-    no_unloaded_lora_keys(comfy.log_text(mark))
+    reloaded = sampled_through_loraloader(comfy, sdxl, path.name, "sdxl_te_reloaded", steps=2)
     difference = (reloaded - latents["sdxl_te_trained"]).abs().max().item()
     print(f"max |in-graph MODEL/CLIP - LoraLoader| latent = {difference:.2e}")
     assert difference <= 1 / 255
