@@ -15,6 +15,7 @@ from .bridge import ComfyModelBridge
 from .convert_nodes import _comfy_tokenizer
 from .dataset_nodes import DatasetType
 from .headless import finetuned_models, full_finetune, node_run_table, write_checkpoint
+from .memory_fit import fit_session
 from .monitor_nodes import MonitorType, build_monitor, split_for
 from .options_nodes import OPTIONS_INPUT_HELP, OptionsType
 from .paths import checked_name, latent_cache_directory
@@ -128,12 +129,16 @@ def _train(model, clip, vae, dataset, config, run_name, resume, monitor, node_id
     # not whatever clone was loaded last.
     trainable = full_finetune(model, bridge, config)
     session, host = start_session(bridge, dataset, config, run_name, resume, node_id, trainable)
+    # Before any work: the run fits the device's free memory, or auto changes settings, or it stops here.
+    session, memory_report = fit_session(session, lambda fitted: start_session(
+        bridge, dataset, fitted, run_name, resume, node_id, trainable)[0])
     session.run_toml = node_run_table(session, model, clip, run_name, method="finetune")
     watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
     if watcher:
         session.step_hooks.append(watcher)
     result = train_to_end(session, host, run_name)
-    report = training_report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "")
+    report = training_report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "") \
+        + (f" {memory_report}" if memory_report else "")
     return *finetuned_models(model, clip, trainable), report, session.step
 
 

@@ -86,9 +86,9 @@ def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: 
     if run.method == "embedding":
         trainable = TokenEmbedding.from_init_word(bridge, run.name, run.config.init_word, run.config.num_vectors)
     session = _start_session(bridge, dataset, run, resume, trainable)
-    if run.method != "finetune":  # as the nodes: the run fits the free memory, or 'auto' changes settings, or it stops
-        session = fit_session(session, lambda fitted: _start_session(
-            bridge, dataset, dataclasses.replace(run, config=fitted), resume, trainable))[0]
+    # As the nodes: the run fits the free memory, or 'auto' changes settings, or it stops.
+    session = fit_session(session, lambda fitted: _start_session(
+        bridge, dataset, dataclasses.replace(run, config=fitted), resume, trainable))[0]
     session.run_toml = run.run_table()
     with host.ctrl_c_cancels(), explained_out_of_memory(session, out_of_memory_types()):
         result = session.run(host)

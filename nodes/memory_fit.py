@@ -18,7 +18,7 @@ def fit_session(session, rebuild):
     if mode == "off":
         return session, None
     try:
-        plan = memory.plan_memory(session, free_bytes_for(session.bridge), mode)
+        plan = memory.plan_memory(session, free_bytes_for(session.bridge, trained_bytes(session)), mode)
     except Exception:  # an estimate that cannot be made must never stop a run that might fit
         log.warning("TuneKit could not estimate this run's memory; training without a fit check.", exc_info=True)
         return session, None
@@ -30,20 +30,26 @@ def fit_session(session, rebuild):
     return session, summary
 
 
-def free_bytes_for(bridge):
+def free_bytes_for(bridge, already_held: int = 0):
     """free(needed) -> bytes free for training once ComfyUI has unloaded what it can (its own
-    free_memory), less the weights this model still has to load onto the device."""
+    free_memory), less the weights this model still has to load onto the device, plus `already_held`:
+    what the run allocated before the check and the estimate counts again."""
     device = bridge.device
 
     def free(needed: int) -> int:
         mm = comfy.model_management
-        mm.free_memory(needed + _weights_to_load(bridge), device)
+        mm.free_memory(max(0, needed - already_held) + _weights_to_load(bridge), device)
         available = mm.get_free_memory(device) - _weights_to_load(bridge)
         if device.type != "cpu":
             available -= mm.extra_reserved_memory()
-        return max(0, available)
+        return max(0, available) + already_held
 
     return free
+
+
+def trained_bytes(session) -> int:
+    """The trained weights: built with the session (a full fine-tune's copy is most of it), before the check."""
+    return memory.tensor_bytes(p for group in session.optimizer.param_groups for p in group["params"])
 
 
 def _weights_to_load(bridge) -> int:

@@ -7,6 +7,7 @@ import time
 import pytest
 from PIL import Image
 
+from .test_dreambooth_finetune import finetune_node
 from .test_train_lora import harness, red_dataset, sd15, train_graph  # noqa: F401  (session fixtures)
 from .test_training_options import option_defaults
 
@@ -53,3 +54,21 @@ def test_a_run_that_cannot_fit_stops_before_any_work_and_says_what_to_lower(comf
     log = comfy.log_text(mark)
     assert "Encoded" not in log  # no image went through the VAE
     print(f"{mode}: stopped in {time.monotonic() - began:.1f} s: {message[:400]}")
+
+
+def test_fine_tune_reports_its_estimate_and_stops_before_any_work_when_it_cannot_fit(comfy, sd15, red_dataset):
+    """Fine-tune's trained copy of the UNet exists before the check: the estimate counts it and the free memory
+    gets it back, so it counts once."""
+    fits = train_graph(sd15, red_dataset, "e2e_memory_ft_fits", steps=1)
+    fits["train"] = finetune_node(["data", 0], "e2e_memory_ft_fits", steps=1)
+    report = " ".join(comfy.run(fits, timeout=900)["outputs"]["train"]["text"])
+    assert "Memory: " in report and "added at batch_size 1, 64x64 px" in report, report
+
+    huge = train_graph(sd15, huge_folder(comfy), "e2e_memory_ft_huge", steps=2)
+    huge["train"] = finetune_node(["data", 0], "e2e_memory_ft_huge", steps=2, batch_size=4, resolution=HUGE)
+    mark = comfy.log_mark()
+    with pytest.raises(harness.WorkflowFailed) as failed:
+        comfy.run(with_memory_mode(comfy, huge, "fit-check"), timeout=900)
+    message = failed.value.message
+    assert "on top of the loaded model" in message and "memory_mode" in message, message
+    assert "Encoded" not in comfy.log_text(mark)
