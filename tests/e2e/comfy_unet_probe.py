@@ -125,6 +125,7 @@ def check_storage() -> dict:
                     "requires_grad": sum(p.requires_grad for p in params.values()),
                     "same_storage": sum(params[n].untyped_storage().data_ptr() == storage[n] for n in params),
                     "same_data": sum(params[n].data_ptr() == originals[n].data_ptr() for n in params),
+                    "matmul_routes": routed_convs(unet),
                 })
 
         def should_stop(self):
@@ -151,9 +152,15 @@ def check_storage() -> dict:
         "during_steps": seen,
         "restored": sum(after[n] is originals[n] for n in after),
         "hooks_left": sum(len(m._forward_hooks) for m in unet.modules()),
+        "matmul_routes_left": routed_convs(unet),
         "default_attention": attention.optimized_attention.__name__,
         "sdpa_calls": calls["sdpa"],
     }
+
+
+def routed_convs(unet) -> int:
+    """Convolutions carrying trainer/conv_matmul.py's per-call route (an instance `_conv_forward`)."""
+    return sum("_conv_forward" in vars(module) for module in unet.modules())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 - Training aliases the host's weights: while steps run, every parameter of the loaded UNet is a frozen
   alias on the very storage ComfyUI loaded (nothing copied, no weight gradients), and afterwards the
-  host's own tensors are back and no hook is left.
+  host's own tensors are back and no hook (nor convolution route, trainer/conv_matmul.py) is left.
 - Where ComfyUI runs its sub-quadratic attention only as the CPU default, training runs torch's SDPA.
 - The 'all' preset (every Linear and Conv2d) gets kohya names that ComfyUI's LoRA loader maps back to
   the same weights, for the full SD1.5 and SDXL layouts (SD1 in diffusers style, as kohya/A1111 write).
@@ -39,7 +39,9 @@ def test_training_on_comfys_unet_shares_the_hosts_weight_storage(storage_report)
         assert step["aliases"] == count  # swapped for autograd-usable aliases...
         assert step["same_storage"] == count and step["same_data"] == count  # ...on the same memory
         assert step["inference"] == 0 and step["requires_grad"] == 0  # no full weight gradients
+        assert step["matmul_routes"] > 0  # wide low-resolution convolutions may run as matmuls (CPU)...
     assert report["restored"] == count and report["hooks_left"] == 0
+    assert report["matmul_routes_left"] == 0  # ...only while training
 
 
 def test_training_uses_sdpa_where_comfyui_fell_back_to_sub_quadratic_attention(storage_report):
