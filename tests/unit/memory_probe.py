@@ -28,13 +28,15 @@ def status_mb(field: str) -> float:
 
 def comfy_unet_bridge(settings: dict):
     """ComfyUI's own full-size SD1.5 UNet (random weights, built as CheckpointLoader builds it), behind a
-    bridge that trains it the way nodes/bridge.py does: frozen aliases, the adapters' hooks, SDPA."""
+    bridge that trains it the way nodes/bridge.py does: frozen aliases, the adapters' hooks, SDPA, the wide
+    convolutions as matmuls."""
     sys.path.insert(0, str(REPO / "benchmarks" / "trainbench"))
     from contextlib import contextmanager
 
     import torch
     import worker_common as wc
     from fakes import FakeBridge
+    from tunekit.trainer.conv_matmul import matmul_convolutions
     from tunekit.trainer.frozen import FrozenBase
 
     spec = {"family": "sd15", "comfy_dir": settings["comfy_dir"], "device": "cpu", "dtype": "fp32", "seed": 0}
@@ -63,7 +65,8 @@ def comfy_unet_bridge(settings: dict):
             frozen.apply(unet)
             attach()
             try:
-                yield
+                with matmul_convolutions(unet):
+                    yield
             finally:
                 detach()
                 frozen.restore()
