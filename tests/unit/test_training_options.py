@@ -92,6 +92,16 @@ def test_each_optimizer_lowers_the_loss(optimizer):
     assert session.export("x")[1]["ss_optimizer"].startswith(type(session.optimizer).__module__)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_torchs_own_optimizers_update_in_one_fused_kernel_where_this_torch_has_one(optimizer):
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    session = make_session(optimizer=optimizer)
+    fused_here = "cpu" in _get_fused_kernels_supported_devices()
+    assert session.optimizer.defaults["fused"] is (True if fused_here else None)
+    assert session.optimizer.defaults["foreach"] is (None if fused_here else True)
+
+
 def learning_rates(**settings) -> list[float]:
     host = RecordingHost()
     make_session(**settings).run(host)
