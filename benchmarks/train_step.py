@@ -8,6 +8,8 @@ the same latents, conditioning, batch, rank and target layers:
   tunekit     TuneKit's TrainSession through nodes/bridge.py on ComfyUI's own UNet (ModelPatcher, weights
               loaded under inference mode, as CheckpointLoader does)
   comfy_node  ComfyUI 0.3.75's TrainLoraNode (comfy_extras/nodes_train.py), its settings pinned and printed
+  comfy_node_new, comfy_node_bypass  the same node of ComfyUI 0.30.0, the newest a registry serves, with
+              bypass_mode off (its default) and on (LoRA as forward hooks, as TuneKit trains)
   diffusers   diffusers' UNet2DConditionModel + PEFT LoRA, the loop of diffusers' LoRA example scripts
 Target sets: `comfy` (every Linear and Conv2d: what TrainLoraNode trains) and `diffusers` (to_q/to_k/
 to_v/to_out.0: diffusers' examples; TrainLoraNode cannot train it). The machine's matmul ceiling is a
@@ -37,10 +39,13 @@ import provision  # noqa: E402
 import report  # noqa: E402
 
 log = logging.getLogger("tunekit.bench")
-WORKERS = {"tunekit": "run_tunekit.py", "comfy_node": "run_comfy_node.py", "diffusers": "run_diffusers.py"}
+WORKERS = {"tunekit": "run_tunekit.py", "comfy_node": "run_comfy_node.py", "comfy_node_new": "run_comfy_node.py",
+           "comfy_node_bypass": "run_comfy_node.py", "diffusers": "run_diffusers.py"}
+# The host of the NEWEST_TOOLS; every other ComfyUI-based tool runs on the oldest supported, 0.3.75.
+NEWEST_COMFY, NEWEST_TOOLS = "0.30.0", ("comfy_node_new", "comfy_node_bypass")
 # Which tools can train which target set, and TuneKit's preset for it.
 TARGET_SETS = {
-    "comfy": {"tunekit_preset": "all", "tools": ("tunekit", "comfy_node", "diffusers")},
+    "comfy": {"tunekit_preset": "all", "tools": ("tunekit", "comfy_node", *NEWEST_TOOLS, "diffusers")},
     "diffusers": {"tunekit_preset": "attention", "tools": ("tunekit", "diffusers")},
 }
 
@@ -54,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per tool (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--targets", choices=("comfy", "diffusers", "both"), default="both")
-    parser.add_argument("--tools", default="tunekit,comfy_node,diffusers", help="comma-separated subset")
+    parser.add_argument("--tools", default=",".join(WORKERS), help="comma-separated subset")
     parser.add_argument("--json", type=Path, help="write every number here (and an SVG chart beside it)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
@@ -140,8 +145,12 @@ def main(argv=None) -> int:
     unknown = [tool for tool in tools if tool not in WORKERS]
     if unknown:
         raise SystemExit(f"unknown tool(s) {unknown}; choose from {', '.join(WORKERS)}")
+    threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     host = comfy_host.provision()
-    comfy_env = host.env({"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
+    comfy_env = host.env(threads)
+    if set(NEWEST_TOOLS) & set(tools):
+        newest = comfy_host.provision(NEWEST_COMFY)
+        newest_env = newest.env(threads)
     site_env = None
     if "diffusers" in tools:
         site = provision.ensure_site(host.python, comfy_env)
@@ -167,6 +176,10 @@ def main(argv=None) -> int:
                 continue
             tool_spec = {**spec, "targets": targets, "tunekit_preset": TARGET_SETS[targets]["tunekit_preset"]}
             env = site_env if tool == "diffusers" else comfy_env
+            if tool in NEWEST_TOOLS:
+                tool_spec.update(comfy_dir=str(newest.comfy_dir), python=str(newest.python),
+                                 comfy_bypass=tool == "comfy_node_bypass")
+                env = newest_env
             log.info("%s on the %s target set ...", tool, targets)
             result = run_worker(WORKERS[tool], tool_spec, env, workdir, f"{targets}-{tool}", limit_bytes, args.timeout)
             result["tool_key"] = tool

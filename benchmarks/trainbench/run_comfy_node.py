@@ -7,6 +7,7 @@ and written to the result. Step times come from a global optimizer step hook (th
 steps inside one call).
 """
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -14,17 +15,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import worker_common as wc  # noqa: E402
 
 
-def node_settings(spec: dict) -> dict:
-    return {
+def node_settings(spec: dict, accepted) -> dict:
+    """The node's settings, pinned; of the inputs newer ComfyUI added, those this node (`accepted`: its
+    input names) declares."""
+    settings = {
         "batch_size": spec["batch"], "grad_accumulation_steps": 1, "learning_rate": 1e-4, "rank": spec["rank"],
         "optimizer": "AdamW", "loss_function": "MSE", "seed": spec["seed"],
         "training_dtype": "fp32" if spec["dtype"] == "fp32" else "bf16",
         "lora_dtype": "fp32" if spec["dtype"] == "fp32" else "bf16",
         "algorithm": "LoRA", "gradient_checkpointing": spec["comfy_checkpointing"], "existing_lora": "[None]",
     }
+    newer = {"quantized_backward": False, "checkpoint_depth": 1, "offloading": False, "bucket_mode": False,
+             "bypass_mode": spec.get("comfy_bypass", False)}
+    settings.update({key: value for key, value in newer.items() if key in accepted})
+    return settings
 
 
-def node_inputs(spec: dict, patcher, steps: int) -> dict:
+def accepted_inputs(node) -> set[str]:
+    return set(inspect.signature(node.execute).parameters)
+
+
+def node_inputs(spec: dict, settings: dict, patcher, steps: int) -> dict:
     """The node's inputs as the executor passes them (is_input_list: every input is a list)."""
     latents, context, pooled = wc.make_inputs(spec)
     # One LATENT per image: with a single LATENT input 0.3.75's node fails (UnboundLocalError: multi_res),
@@ -39,9 +50,16 @@ def node_inputs(spec: dict, patcher, steps: int) -> dict:
             extra = {"pooled_output": pooled[i : i + 1], "width": side, "height": side,
                      "target_width": side, "target_height": side, "crop_w": 0, "crop_h": 0}
         positive.append([[context[i : i + 1], extra]])
-    inputs = {key: [value] for key, value in node_settings(spec).items()}
+    inputs = {key: [value] for key, value in settings.items()}
     inputs.update(model=[patcher], latents=latent_inputs, positive=positive, steps=[steps])
     return inputs
+
+
+def lora_and_losses(outputs) -> tuple[dict, dict]:
+    """The node's LoRA and loss map: 0.3.75 returns (model, lora, loss map, steps), 0.30.0 (lora, loss map,
+    steps)."""
+    values = outputs.args
+    return (values[1], values[2]) if len(values) == 4 else (values[0], values[1])
 
 
 def main() -> None:
@@ -61,7 +79,9 @@ def main() -> None:
         patcher = wc.build_comfy_model(spec)
         result["model_params"] = wc.count_params(patcher.model.diffusion_model)
         result["rss_loaded_mb"] = wc.rss_mb()
-        result["settings"] = {**node_settings(spec), "alpha": 1.0, "targets": "every weight (node has no choice)",
+        settings = node_settings(spec, accepted_inputs(nodes_train.TrainLoraNode))
+        result["comfy_version"] = wc.comfy_version(spec)
+        result["settings"] = {**settings, "alpha": 1.0, "targets": "every weight (node has no choice)",
                               "attention": result.data["comfy_attention"]}
         wc.reset_peak_rss()
 
@@ -70,20 +90,20 @@ def main() -> None:
         result.phase = "train"
         stamps.append(wc.clocks())  # the first step also holds the node's setup: a warm-up step
         with torch.inference_mode():  # as ComfyUI's executor runs every node
-            outputs = nodes_train.TrainLoraNode.execute(**node_inputs(spec, patcher, spec["warmup"] + spec["steps"]))
+            outputs = nodes_train.TrainLoraNode.execute(**node_inputs(spec, settings, patcher, spec["warmup"] + spec["steps"]))
         result.data.update(wc.summarise_steps(stamps, spec["warmup"]))
         wc.memory_after_training(result)
-        lora = outputs.args[1] if hasattr(outputs, "args") else outputs[1]
+        lora, loss_map = lora_and_losses(outputs)
         result["trainable_params"] = sum(t.numel() for t in lora.values())
         result["adapted_layers"] = sum(key.endswith(".lora_up.weight") for key in lora)
         result["adapted_tensors"] = len(lora)
-        result["losses"] = outputs.args[2]["loss"] if hasattr(outputs, "args") else None
+        result["losses"] = loss_map["loss"]
         del outputs, lora
 
         result.phase = "flops"
         stamps.clear()
         with wc.FlopCount() as flops, torch.inference_mode():
-            nodes_train.TrainLoraNode.execute(**node_inputs(spec, patcher, 1))
+            nodes_train.TrainLoraNode.execute(**node_inputs(spec, settings, patcher, 1))
         hook.remove()
         result["flops_per_step"] = flops.total
         result["flops_by_op"] = flops.by_op

@@ -111,7 +111,8 @@ def main() -> None:
         result["adapted_layers"] = len(session.network.branches)
         result["trainable_params"] = sum(p.numel() for p in session.network.parameters())
         result["settings"] = {
-            "preset": spec["tunekit_preset"], "rank": config.rank, "alpha": config.alpha, "optimizer": "AdamW",
+            "preset": spec["tunekit_preset"], "rank": config.rank, "alpha": config.alpha,
+            "optimizer": "AdamW, " + ("fused" if session.optimizer.defaults.get("fused") else "foreach"),
             "dtype": spec["dtype"], "gradient_checkpointing": False, "attention": result.data["comfy_attention"],
         }
 

@@ -123,14 +123,15 @@ def init_random_(module, seed: int) -> None:
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    for name, parameter in module.named_parameters():
-        if parameter.ndim >= 2:
-            fan_in = parameter[0].numel()
-            parameter.normal_(0.0, fan_in ** -0.5, generator=generator)
-        elif re.search(r"norm|in_layers\.0|out_layers\.0|\.out\.0|emb_layers\.0", name) and name.endswith("weight"):
-            parameter.fill_(1.0)
-        else:
-            parameter.normal_(0.0, 0.01, generator=generator)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.ndim >= 2:
+                fan_in = parameter[0].numel()
+                parameter.normal_(0.0, fan_in ** -0.5, generator=generator)
+            elif re.search(r"norm|in_layers\.0|out_layers\.0|\.out\.0|emb_layers\.0", name) and name.endswith("weight"):
+                parameter.fill_(1.0)
+            else:
+                parameter.normal_(0.0, 0.01, generator=generator)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,6 +282,12 @@ def import_comfy(spec: dict):
     return sys.modules["comfy"]
 
 
+def comfy_version(spec: dict) -> str:
+    """The host tree's version, from its comfyui_version.py."""
+    text = (Path(spec["comfy_dir"]) / "comfyui_version.py").read_text()
+    return re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
+
+
 def comfy_attention_name() -> str:
     import comfy.ldm.modules.attention as attention
 
@@ -292,6 +299,17 @@ def build_comfy_model(spec: dict):
     loader's device and dtype), random weights written in place. Returns a ModelPatcher."""
     import torch
 
+    with torch.inference_mode():
+        return _built_comfy_model(spec)
+
+
+def _built_comfy_model(spec: dict, disable_dynamic: bool = False):
+    """build_comfy_model's work in the caller's grad mode. Newer ComfyUI records how its loader made a model
+    (cached_patcher_init) and clone(force_deepcopy=True), as 0.30.0's TrainLoraNode calls it, loads it
+    again through that, as from the checkpoint file (the node does so outside inference mode): here, the
+    same build (never a dynamic patcher, whatever `disable_dynamic` asks)."""
+    import torch
+
     comfy = import_comfy(spec)
     family = spec["family"]
     config_class = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[family]
@@ -299,12 +317,14 @@ def build_comfy_model(spec: dict):
     load_device = comfy.model_management.get_torch_device()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
     model_config.set_inference_dtype(dtype, None)
-    with torch.inference_mode():
-        model = model_config.get_model({}, "", device=comfy.model_management.unet_inital_load_device(0, dtype))
-        init_random_(model.diffusion_model, spec["seed"])
-    return comfy.model_patcher.ModelPatcher(
+    model = model_config.get_model({}, "", device=comfy.model_management.unet_inital_load_device(0, dtype))
+    init_random_(model.diffusion_model, spec["seed"])
+    patcher = comfy.model_patcher.ModelPatcher(
         model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device()
     )
+    if hasattr(patcher, "cached_patcher_init"):
+        patcher.cached_patcher_init = (_built_comfy_model, (spec,))
+    return patcher
 
 
 def import_tunekit():
