@@ -20,7 +20,8 @@ def _result(tool, targets, seconds, cpu, gflop, loaded_mb, peak_mb, status="ok")
 def test_ratios_ceiling_fraction_and_added_memory():
     results = [
         _result("tunekit", "comfy", 5.0, 5.0, 400, 3000, 4500),
-        _result("comfy_node", "comfy", 25.0, 20.0, 800, 3000, 8000),
+        {**_result("comfy_node", "comfy", 25.0, 20.0, 800, 3000, 8000),
+         "settings": {"gradient_checkpointing": True, "rank": 16}},
         {"tool_key": "diffusers", "targets": "comfy", "status": "oom", "error": "not enough memory"},
     ]
     ceilings = [{"status": "ok", "median_flops_per_s": 100e9, "median_flops_per_cpu_s": 100e9},
@@ -34,6 +35,7 @@ def test_ratios_ceiling_fraction_and_added_memory():
     assert diffusers["status"] == "oom" and "s_per_step" not in diffusers
     assert "python" not in summary["spec"]
     text = report.table(summary)
-    assert "| comfy | ComfyUI TrainLoraNode | 282 | 25.00 | 0.080 | 5.00x | 20.00 | 4.00x | 800 | 32% |" in text
+    assert "| comfy | ComfyUI 0.3.75 TrainLoraNode | 282 | 25.00 | 0.080 | 5.00x | 20.00 | 4.00x | 800 | 32% |" in text
     assert "| comfy | diffusers+PEFT | | OOM |" in text
+    assert "- ComfyUI 0.3.75 TrainLoraNode, comfy targets: gradient_checkpointing True, rank 16" in text
     assert report.svg_chart(summary).startswith("<svg") and "TuneKit - comfy targets" in report.svg_chart(summary)
