@@ -138,6 +138,41 @@ def run_worker(script: str, spec: dict, env: dict, workdir: Path, name: str, lim
     return result
 
 
+def tool_runs(tools: list[str], host, comfy_env: dict, threads: dict | None) -> dict[str, tuple[dict, dict]]:
+    """tool -> (its environment, the spec entries its own host changes)."""
+    runs = {tool: (comfy_env, {}) for tool in tools}
+    if "diffusers" in tools:
+        site = provision.ensure_site(host.python, comfy_env)
+        # Not the host's stand-ins: transformers would take the torchvision stand-in for the real thing.
+        runs["diffusers"] = ({**comfy_env, "PYTHONPATH": str(site)}, {})
+    if set(NEWEST_TOOLS) & set(tools):
+        newest = comfy_host.provision(NEWEST_COMFY)
+        for tool in set(NEWEST_TOOLS) & set(tools):
+            runs[tool] = (newest.env(threads), {"comfy_dir": str(newest.comfy_dir), "python": str(newest.python),
+                                                "comfy_bypass": tool == "comfy_node_bypass"})
+    return runs
+
+
+def run_tools(args, runs: dict[str, tuple[dict, dict]], spec: dict, workdir: Path,
+              limit_bytes: int | None) -> list[dict]:
+    """Each chosen tool on each chosen target set it can train, one fresh process after another."""
+    results = []
+    sets = ("comfy", "diffusers") if args.targets == "both" else (args.targets,)
+    for targets in sets:
+        for tool in TARGET_SETS[targets]["tools"]:
+            if tool not in runs:
+                continue
+            env, own_host = runs[tool]
+            preset = TARGET_SETS[targets]["tunekit_preset"]
+            tool_spec = {**spec, "targets": targets, "tunekit_preset": preset, **own_host}
+            log.info("%s on the %s target set ...", tool, targets)
+            result = run_worker(WORKERS[tool], tool_spec, env, workdir, f"{targets}-{tool}", limit_bytes, args.timeout)
+            result["tool_key"] = tool
+            results.append(result)
+            log.info("  %s", report.one_line(result))
+    return results
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
@@ -148,14 +183,7 @@ def main(argv=None) -> int:
     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     host = comfy_host.provision()
     comfy_env = host.env(threads)
-    if set(NEWEST_TOOLS) & set(tools):
-        newest = comfy_host.provision(NEWEST_COMFY)
-        newest_env = newest.env(threads)
-    site_env = None
-    if "diffusers" in tools:
-        site = provision.ensure_site(host.python, comfy_env)
-        # Not the host's stand-ins: transformers would take the torchvision stand-in for the real thing.
-        site_env = {**comfy_env, "PYTHONPATH": str(site)}
+    runs = tool_runs(tools, host, comfy_env, threads)
     device = detect_device(host) if args.device == "auto" else args.device
     spec = {**base_spec(args, host, device), "python": str(host.python)}
     limit_gb = args.memory_limit_gb if args.memory_limit_gb is not None else 0.85 * memory_available_gb()
@@ -168,23 +196,7 @@ def main(argv=None) -> int:
     ceilings = [run_worker("ceiling.py", spec, comfy_env, workdir, "gemm-before", limit_bytes, args.timeout)]
     log.info("matmul ceiling %.1f GFLOP/s (load %.2f)", ceilings[0].get("median_flops_per_s", 0) / 1e9,
              os.getloadavg()[0])
-    results = []
-    sets = ("comfy", "diffusers") if args.targets == "both" else (args.targets,)
-    for targets in sets:
-        for tool in TARGET_SETS[targets]["tools"]:
-            if tool not in tools:
-                continue
-            tool_spec = {**spec, "targets": targets, "tunekit_preset": TARGET_SETS[targets]["tunekit_preset"]}
-            env = site_env if tool == "diffusers" else comfy_env
-            if tool in NEWEST_TOOLS:
-                tool_spec.update(comfy_dir=str(newest.comfy_dir), python=str(newest.python),
-                                 comfy_bypass=tool == "comfy_node_bypass")
-                env = newest_env
-            log.info("%s on the %s target set ...", tool, targets)
-            result = run_worker(WORKERS[tool], tool_spec, env, workdir, f"{targets}-{tool}", limit_bytes, args.timeout)
-            result["tool_key"] = tool
-            results.append(result)
-            log.info("  %s", report.one_line(result))
+    results = run_tools(args, runs, spec, workdir, limit_bytes)
     breakdown = None
     if args.breakdown:
         log.info("breakdown of TuneKit's step ...")

@@ -8,8 +8,8 @@ import platform
 import os
 
 LABELS = {"tunekit": "TuneKit", "comfy_node": "ComfyUI 0.3.75 TrainLoraNode",
-          "comfy_node_new": "ComfyUI 0.30.0 TrainLoraNode", "comfy_node_bypass": "ComfyUI 0.30.0 TrainLoraNode, bypass",
-          "diffusers": "diffusers+PEFT"}
+          "comfy_node_new": "ComfyUI 0.30.0 TrainLoraNode",
+          "comfy_node_bypass": "ComfyUI 0.30.0 TrainLoraNode, bypass", "diffusers": "diffusers+PEFT"}
 TARGET_LABELS = {"comfy": "every Linear+Conv (ComfyUI's set)", "diffusers": "to_q/k/v/out.0 (diffusers' set)"}
 
 
@@ -130,7 +130,8 @@ def settings_lines(results: list[dict]) -> list[str]:
 def svg_chart(summary: dict) -> str:
     """Two bar charts: seconds per step and RSS added by training, one bar per tool and target set."""
     rows = [r for r in summary["rows"] if r["status"] == "ok"]
-    colours = {"tunekit": "#2b7bba", "comfy_node": "#d9822b", "comfy_node_new": "#b5562a", "comfy_node_bypass": "#e0a458", "diffusers": "#5a9e4b"}
+    colours = {"tunekit": "#2b7bba", "comfy_node": "#d9822b", "comfy_node_new": "#b5562a",
+               "comfy_node_bypass": "#e0a458", "diffusers": "#5a9e4b"}
     bar, gap, left, width = 22, 8, 300, 380
     height = 60 + 2 * (len(rows) * (bar + gap) + 50)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 120}" height="{height}" '

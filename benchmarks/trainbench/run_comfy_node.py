@@ -80,7 +80,6 @@ def main() -> None:
         result["model_params"] = wc.count_params(patcher.model.diffusion_model)
         result["rss_loaded_mb"] = wc.rss_mb()
         settings = node_settings(spec, accepted_inputs(nodes_train.TrainLoraNode))
-        result["comfy_version"] = wc.comfy_version(spec)
         result["settings"] = {**settings, "alpha": 1.0, "targets": "every weight (node has no choice)",
                               "attention": result.data["comfy_attention"]}
         wc.reset_peak_rss()
@@ -90,7 +89,8 @@ def main() -> None:
         result.phase = "train"
         stamps.append(wc.clocks())  # the first step also holds the node's setup: a warm-up step
         with torch.inference_mode():  # as ComfyUI's executor runs every node
-            outputs = nodes_train.TrainLoraNode.execute(**node_inputs(spec, settings, patcher, spec["warmup"] + spec["steps"]))
+            steps = spec["warmup"] + spec["steps"]
+            outputs = nodes_train.TrainLoraNode.execute(**node_inputs(spec, settings, patcher, steps))
         result.data.update(wc.summarise_steps(stamps, spec["warmup"]))
         wc.memory_after_training(result)
         lora, loss_map = lora_and_losses(outputs)

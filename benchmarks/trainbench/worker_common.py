@@ -282,12 +282,6 @@ def import_comfy(spec: dict):
     return sys.modules["comfy"]
 
 
-def comfy_version(spec: dict) -> str:
-    """The host tree's version, from its comfyui_version.py."""
-    text = (Path(spec["comfy_dir"]) / "comfyui_version.py").read_text()
-    return re.search(r'__version__\s*=\s*"([^"]+)"', text).group(1)
-
-
 def comfy_attention_name() -> str:
     import comfy.ldm.modules.attention as attention
 
