@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import safetensors
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))

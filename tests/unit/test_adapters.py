@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunekit.trainer.adapters import ALGORITHMS, AdapterNetwork, NetworkSettings, select_targets
-from tunekit.trainer.adapters.dora import DoRABranch
 from tunekit.trainer.adapters.kohya import load_lora, save_lora
 from tunekit.trainer.adapters.lokr import factorization
 from tunekit.trainer.checkpoints import latest_state_folder
