@@ -17,8 +17,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from .errors import TuneKitError
-from .files import atomic_write
+from .errors import SaveError, TuneKitError
+from .files import atomic_write, free_space
 
 log = logging.getLogger(__name__)
 KEEP_LAST = 2
@@ -44,9 +44,23 @@ class TrainState:
 
 
 def save_state(run_dir: Path, state: TrainState) -> Path:
-    """Write a new checkpoint folder, then prune old ones: the last good one is never lost."""
+    """Write a new checkpoint folder, then prune old ones: the last good one is never lost. A write that
+    fails (a full disk...) leaves no half-written folder and raises SaveError naming the state kept."""
     folder = run_dir / f"step_{state.step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
+    created = not folder.exists()
+    kept = latest_state_folder(run_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_state(folder, state)
+    except Exception as error:  # safetensors and torch.save report a full disk as their own error types
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise SaveError(_save_failure(folder, state.step, error, kept)) from error
+    _prune(run_dir, keep=folder)
+    return folder
+
+
+def _write_state(folder: Path, state: TrainState) -> None:
     atomic_write(folder / "lora.safetensors", lambda temp: safetensors.torch.save_file(state.network, str(temp)))
     extras = {
         "format": STATE_FORMAT,
@@ -65,8 +79,14 @@ def save_state(run_dir: Path, state: TrainState) -> Path:
     atomic_write(folder / "state.pt", lambda temp: torch.save(extras, temp))
     if state.config_toml:
         write_config(folder, state.config_toml)
-    _prune(run_dir, keep=folder)
-    return folder
+
+
+def _save_failure(folder: Path, step: int, error: Exception, kept: Path | None) -> str:
+    space = free_space(folder.parent)
+    return (f"TuneKit could not save the training state of step {step} in {folder.parent} "
+            f"({type(error).__name__}: {error}{'; ' + space if space else ''}). Free some space there or choose "
+            "another output folder, then train again or resume; "
+            + (f"the last complete state is kept: {kept}." if kept else "no earlier state of this run was saved."))
 
 
 def write_config(folder: Path, config_toml: str) -> Path:

@@ -21,3 +21,7 @@ class UnsupportedModelError(TuneKitError):
 
 class TrainingDivergedError(TuneKitError):
     pass
+
+
+class SaveError(TuneKitError):
+    """A training state could not be written; the message names it, the free space and the state kept."""

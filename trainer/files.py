@@ -1,6 +1,7 @@
 """File writes that never leave half a file behind and never overwrite a user's file unasked."""
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -27,3 +28,12 @@ def unused_path(path: Path) -> Path:
         candidate = path.with_name(f"{path.stem}_{counter}{path.suffix}")
         counter += 1
     return candidate
+
+
+def free_space(folder: Path) -> str:
+    """'N.N GB free there', for a message about a write that failed; '' where the disk cannot be asked."""
+    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    try:
+        return f"{shutil.disk_usage(existing).free / 1e9:.1f} GB free there" if existing else ""
+    except OSError:
+        return ""

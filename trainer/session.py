@@ -20,7 +20,7 @@ from .data.feed import Example, TrainingFeed
 from .data.plan import DatasetPlan, epoch_batches, plan_dataset
 from .ema import EMA
 from .embeddings import PivotalTuning
-from .errors import ConfigError, DatasetError, TrainingDivergedError
+from .errors import ConfigError, DatasetError, SaveError, TrainingDivergedError
 from .events import CheckpointSaved, Notice, StepDone
 from .host import Host, ModelBridge
 from .losses import min_snr_weights, per_sample_mse, snr
@@ -227,6 +227,8 @@ class TrainSession:
                         self._save(host, partial=True)
         except TrainingDivergedError:
             self._keep_progress(host, diverged=True)
+            raise
+        except SaveError:  # says which state is kept; saving again would only fail again
             raise
         except BaseException:
             # Cancelled from inside the model (ComfyUI raises in its ops), out of memory...: keep every completed step.
@@ -481,6 +483,9 @@ class TrainSession:
             self._step_start = None
         try:
             folder = self._save(host, partial=True, state=self._good if diverged else None)
+        except SaveError as error:
+            host.emit(Notice(str(error)))
+            return
         except Exception:
             log.exception("TuneKit could not save the training state at step %d", self.step)
             return

@@ -6,7 +6,7 @@ from fakes import FakeBridge, RecordingHost
 from helpers import make_session
 from tunekit.trainer.adapters.kohya import load_lora, save_lora
 from tunekit.trainer.checkpoints import latest_state_folder
-from tunekit.trainer.errors import ConfigError, TrainingDivergedError
+from tunekit.trainer.errors import ConfigError, SaveError, TrainingDivergedError
 from tunekit.trainer.events import CheckpointSaved
 from tunekit.trainer.host import NullHost
 
@@ -130,6 +130,30 @@ def test_save_every_keeps_the_last_checkpoints(tmp_path):
     saved = [event.step for event in host.events if isinstance(event, CheckpointSaved)]
     assert saved == [2, 4, 6]
     assert sorted(folder.name for folder in tmp_path.glob("step_*")) == ["step_000004", "step_000006"]
+
+
+def test_a_full_disk_mid_save_stops_with_advice_leaves_no_half_state_and_keeps_the_last_one(tmp_path, monkeypatch):
+    torch_save = torch.save
+
+    def disk_full_from_step_4(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 4:  # state.pt, after lora.safetensors was written
+            raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
+        return torch_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_from_step_4)
+    session = make_session(tmp_path, steps=8, save_every=2)
+    with pytest.raises(SaveError) as raised:
+        session.run(NullHost())
+    message = str(raised.value)
+    assert "state of step 4" in message and "file write failed" in message and "GB free there" in message
+    assert f"the last complete state is kept: {tmp_path / 'step_000002'}" in message
+    assert sorted(folder.name for folder in tmp_path.glob("step_*")) == ["step_000002"]
+
+    monkeypatch.setattr(torch, "save", torch_save)
+    resumed = make_session(tmp_path, steps=8)
+    resumed.resume(latest_state_folder(tmp_path))
+    assert resumed.run(NullHost()).steps_done == 8
 
 
 def test_nan_loss_stops_with_advice_and_keeps_the_last_good_state(tmp_path):
