@@ -140,10 +140,10 @@ class TrainEmbedding(io.ComfyNode):
         watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
         if watcher:
             session.step_hooks.append(watcher)
-        result = train_to_end(session, host, name)
+        result, unsaved = train_to_end(session, host, name)
         trained_model, trained_clip, saved, saved_report = save_outputs(session, embedding, model, clip, name)
         report = " ".join(filter(None, [f"{training_report(session, result.losses)}.", saved_report,
-                                        watcher.summary() if watcher else "", memory_report]))
+                                        watcher.summary() if watcher else "", memory_report, unsaved]))
         log.info("TuneKit: %s", report)
         return io.NodeOutput(trained_clip, saved, report, trained_model, ui=ui.PreviewText(report))
 

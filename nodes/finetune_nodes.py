@@ -136,9 +136,9 @@ def _train(model, clip, vae, dataset, config, run_name, resume, monitor, node_id
     watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
     if watcher:
         session.step_hooks.append(watcher)
-    result = train_to_end(session, host, run_name)
+    result, unsaved = train_to_end(session, host, run_name)
     report = training_report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "") \
-        + (f" {memory_report}" if memory_report else "")
+        + (f" {memory_report}" if memory_report else "") + (f" {unsaved}" if unsaved else "")
     return *finetuned_models(model, clip, trainable), report, session.step
 
 

@@ -10,6 +10,7 @@ from ..trainer.adapters import ALGORITHMS, TARGET_PRESETS
 from ..trainer.adapters.kohya import save_lora
 from ..trainer.checkpoints import latest_run_state
 from ..trainer.config import TEXT_ENCODER_SETS, TrainConfig
+from ..trainer.errors import SaveError
 from ..trainer.files import unused_path
 from ..trainer.memory import explained_out_of_memory
 from ..trainer.session import TrainResult, TrainSession
@@ -123,18 +124,19 @@ class TrainLoRA(io.ComfyNode):
         watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
         if watcher:
             session.step_hooks.append(watcher)
-        result = train_to_end(session, host, run_name)
+        result, unsaved = train_to_end(session, host, run_name)
         lora = KohyaLoRA(*session.export(run_name))
         trained_model, trained_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
         report = training_report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "") \
-            + (f" {memory_report}" if memory_report else "")
+            + (f" {memory_report}" if memory_report else "") + (f" {unsaved}" if unsaved else "")
         log.info("TuneKit: %s", report)
         return io.NodeOutput(trained_model, trained_clip, lora, report, ui=ui.PreviewText(report))
 
 
-def train_to_end(session: TrainSession, host: ComfyHost, run_name: str) -> TrainResult:
-    """Run the session to its last step and save it. Cancel keeps a resumable state and re-raises ComfyUI's
-    interrupt; an out-of-memory error says which settings to lower."""
+def train_to_end(session: TrainSession, host: ComfyHost, run_name: str) -> tuple[TrainResult, str]:
+    """Run the session to its last step and save it; the result and, where the final state could not be
+    written, a sentence saying so for the node's report. Cancel keeps a resumable state and re-raises
+    ComfyUI's interrupt; an out-of-memory error says which settings to lower."""
     try:
         with explained_out_of_memory(session, out_of_memory_types()):
             result = session.run(host)
@@ -144,8 +146,14 @@ def train_to_end(session: TrainSession, host: ComfyHost, run_name: str) -> Train
     if result.stopped_early:
         _log_cancelled(session, run_name)
         raise comfy.model_management.InterruptProcessingException()
-    session.save_final(host)
-    return result
+    try:
+        session.save_final(host)
+    except SaveError as error:
+        # Every step is done and the result is in memory: the node still returns it (Save LoRA can write it
+        # once there is room); only resuming from the last step is lost.
+        log.warning("TuneKit: %s", error)
+        return result, f"The final training state was not saved: {error}"
+    return result, ""
 
 
 def _log_cancelled(session: TrainSession, run_name: str) -> None:

@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from .errors import SaveError, TuneKitError
-from .files import atomic_write, free_space
+from .files import atomic_write, write_failure
 
 log = logging.getLogger(__name__)
 KEEP_LAST = 2
@@ -82,10 +82,9 @@ def _write_state(folder: Path, state: TrainState) -> None:
 
 
 def _save_failure(folder: Path, step: int, error: Exception, kept: Path | None) -> str:
-    space = free_space(folder.parent)
     return (f"TuneKit could not save the training state of step {step} in {folder.parent} "
-            f"({type(error).__name__}: {error}{'; ' + space if space else ''}). Free some space there or choose "
-            "another output folder, then train again or resume; "
+            f"{write_failure(folder.parent, error)}. Free some space there or choose another output folder, then "
+            "train again or resume; "
             + (f"the last complete state is kept: {kept}." if kept else "no earlier state of this run was saved."))
 
 

@@ -30,10 +30,11 @@ def unused_path(path: Path) -> Path:
     return candidate
 
 
-def free_space(folder: Path) -> str:
-    """'N.N GB free there', for a message about a write that failed; '' where the disk cannot be asked."""
+def write_failure(folder: Path, error: Exception) -> str:
+    """'(SafetensorError: ...; 3.2 GB free there)': why a write into `folder` failed and the room left there."""
     existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
     try:
-        return f"{shutil.disk_usage(existing).free / 1e9:.1f} GB free there" if existing else ""
+        space = f"; {shutil.disk_usage(existing).free / 1e9:.1f} GB free there" if existing else ""
     except OSError:
-        return ""
+        space = ""
+    return f"({type(error).__name__}: {error}{space})"

@@ -176,6 +176,28 @@ def test_cancel_stops_within_a_second_and_a_new_run_resumes(comfy, sd15, red_dat
     assert f"TuneKit step {cancelled_at + 5}/{cancelled_at + 5}" in log
 
 
+def test_a_final_state_that_cannot_be_written_still_returns_the_trained_lora(comfy, sd15, red_dataset):
+    """The run is done and in memory: a state file that cannot be written (here a user's file in the way of
+    step_000004; on a full disk the same SaveError) costs only the resume point, never the LoRA or the file."""
+    comfy.run(train_graph(sd15, red_dataset, "e2e_unsaved", steps=2, lora_file="e2e_first_of_unsaved"))
+    run_dir = comfy.output_dir / "tunekit" / "e2e_unsaved"
+    in_the_way = run_dir / "step_000004"
+    in_the_way.write_text("the user's own file")
+
+    mark = comfy.log_mark()
+    history = comfy.run(train_graph(sd15, red_dataset, "e2e_unsaved", steps=4, resume=True, lora_file="e2e_unsaved"))
+    report = " ".join(history["outputs"]["train"]["text"])
+    assert "Trained 4 steps" in report
+    assert "The final training state was not saved" in report and "state of step 4" in report, report
+    assert f"the last complete state is kept: {run_dir / 'step_000002'}" in report, report
+    assert "could not save the training state of step 4" in comfy.log_text(mark)
+    assert in_the_way.read_text() == "the user's own file"
+    saved = sorted((comfy.workdir / "models" / "loras").glob("e2e_unsaved*.safetensors"))
+    assert len(saved) == 1, saved
+    with safetensors.safe_open(str(saved[0]), "pt") as handle:
+        assert handle.metadata()["ss_steps"] == "4"
+
+
 def test_sdxl_trains_and_its_file_loads_with_every_key(comfy, red_dataset):
     sdxl = tiny_checkpoint(comfy, "sdxl")
     graph = train_graph(sdxl, red_dataset, "e2e_sdxl", steps=4, lora_file="e2e_sdxl")
