@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 
 from .errors import SaveError, TuneKitError
-from .files import atomic_write, write_failure
+from .files import atomic_write, free_bytes, readable_size, write_failure
 
 log = logging.getLogger(__name__)
 KEEP_LAST = 2
@@ -86,6 +86,23 @@ def _save_failure(folder: Path, step: int, error: Exception, kept: Path | None) 
             f"{write_failure(folder.parent, error)}. Free some space there or choose another output folder, then "
             "train again or resume; "
             + (f"the last complete state is kept: {kept}." if kept else "no earlier state of this run was saved."))
+
+
+def check_room_for_states(run_dir: Path, state_bytes: int, steps: int, save_every: int) -> None:
+    """Before any work: raise SaveError when the states this run holds at once cannot fit on the disk of
+    `run_dir`: the last KEEP_LAST plus the one being written (old ones go only once it is complete)."""
+    written = (steps - 1) // save_every + 1 if save_every else 1  # every save_every steps, and the final one
+    at_once = min(written, KEEP_LAST + 1)
+    found = sum(path.stat().st_size for folder in _checkpoint_folders(run_dir) for path in folder.iterdir()
+                if path.is_file())  # a resumed run's states: replaced as new ones come
+    needed, free = at_once * state_bytes - found, free_bytes(run_dir)
+    if free is None or needed <= free:
+        return
+    fewer = ", or set save_every to 0 (one final state)" if at_once > 1 else ""
+    raise SaveError(f"This run holds up to {at_once} training state{'s' if at_once > 1 else ''} of "
+                    f"~{readable_size(state_bytes)} at once in {run_dir} (the last {KEEP_LAST} are kept, and one more "
+                    f"while it is written): {readable_size(needed)} more, and {readable_size(free)} are free there. "
+                    f"Free some space, choose another output folder{fewer}.")
 
 
 def write_config(folder: Path, config_toml: str) -> Path:

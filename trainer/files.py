@@ -30,11 +30,21 @@ def unused_path(path: Path) -> Path:
     return candidate
 
 
-def write_failure(folder: Path, error: Exception) -> str:
-    """'(SafetensorError: ...; 3.2 GB free there)': why a write into `folder` failed and the room left there."""
+def free_bytes(folder: Path) -> int | None:
+    """Free space on the disk `folder` is (or will be) on; None where the disk cannot be asked."""
     existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
     try:
-        space = f"; {shutil.disk_usage(existing).free / 1e9:.1f} GB free there" if existing else ""
+        return shutil.disk_usage(existing).free if existing else None
     except OSError:
-        space = ""
+        return None
+
+
+def write_failure(folder: Path, error: Exception) -> str:
+    """'(SafetensorError: ...; 3.2 GB free there)': why a write into `folder` failed and the room left there."""
+    free = free_bytes(folder)
+    space = f"; {readable_size(free)} free there" if free is not None else ""
     return f"({type(error).__name__}: {error}{space})"
+
+
+def readable_size(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"

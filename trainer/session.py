@@ -13,7 +13,7 @@ import torch
 
 from .adapters import AdapterNetwork, select_targets
 from .adapters.kohya import init_tensors, lora_metadata, tag_frequency
-from .checkpoints import TrainState, load_state, save_state, write_config
+from .checkpoints import TrainState, check_room_for_states, load_state, save_state, write_config
 from .config import TrainConfig
 from .data import Dataset
 from .data.feed import Example, TrainingFeed
@@ -24,6 +24,7 @@ from .errors import ConfigError, DatasetError, SaveError, TrainingDivergedError
 from .events import CheckpointSaved, Notice, StepDone
 from .host import Host, ModelBridge
 from .losses import min_snr_weights, per_sample_mse, snr
+from .memory import optimizer_state_bytes, state_tensors
 from .noise import add_noise, draw_noise, is_zero_terminal, rescale_zero_terminal_snr, training_target
 from .optim import build_optimizer, is_schedule_free, optimizer_name
 from .precision import Precision
@@ -34,6 +35,7 @@ from .timesteps import sample_timesteps, timestep_weights
 log = logging.getLogger(__name__)
 EXPORT_DTYPE = torch.float16
 GOOD_STATE_COPY_LIMIT = 512 * 2**20  # bytes a copy of the last good state may take (LoRAs: a few MB)
+TENSOR_HEADER_BYTES = 256  # what safetensors and torch.save write around each saved tensor: measured 240-280
 
 
 @dataclass
@@ -150,8 +152,10 @@ class TrainSession:
         return self.bridge.prediction_type
 
     def prepare(self, host: Host) -> None:
-        """Encode every fixed-crop image once (VAE, or the latent cache) and every caption that never
-        changes once (frozen text encoders)."""
+        """Check that the run's states fit on its disk, then encode every fixed-crop image once (VAE, or the
+        latent cache) and every caption that never changes once (frozen text encoders)."""
+        if self.run_dir is not None:
+            check_room_for_states(self.run_dir, self.state_bytes(), self.config.steps, self.config.save_every)
         for skipped in self.plan.unassigned:
             host.emit(Notice(f"Not trained: {skipped.source}: {skipped.reason}"))
         # Outside inference mode: cached tensors must be ordinary ones that autograd may save.
@@ -419,6 +423,17 @@ class TrainSession:
         return bool(self.ema and self.config.save_ema) or is_schedule_free(self.optimizer)
 
     # ----- saving -----
+    def state_bytes(self) -> int:
+        """About what one saved state takes on disk: the weights in fp32 (twice where the saved ones are EMA or
+        averaged weights), the optimizer state, the EMA, and the file headers of each of those tensors."""
+        trained = self._trained_parameters()
+        copies, emas = (2 if self._saved_differs_from_raw() else 1), (1 if self.ema else 0)
+        weights = sum(p.numel() for p in trained) * 4
+        # Saved tensors per trained one: its copies, EMA, optimizer state, and one for a step count or LoRA alpha.
+        entries = sum(copies + emas + 1 + len(state_tensors(self.config.optimizer, p)) for p in trained)
+        return (copies + emas) * weights + optimizer_state_bytes(self.config.optimizer, trained) \
+            + entries * TENSOR_HEADER_BYTES
+
     def _save_due(self) -> bool:
         every = self.config.save_every
         return bool(every) and self.step % every == 0 and self.step < self.config.steps

@@ -1,5 +1,7 @@
 """The session on a tiny ldm-shaped denoiser: learning, frozen base, saving, resume, cancel, NaN."""
 
+import shutil
+
 import pytest
 import torch
 from fakes import FakeBridge, RecordingHost
@@ -7,7 +9,7 @@ from helpers import make_session
 from tunekit.trainer.adapters.kohya import load_lora, save_lora
 from tunekit.trainer.checkpoints import latest_state_folder
 from tunekit.trainer.errors import ConfigError, SaveError, TrainingDivergedError
-from tunekit.trainer.events import CheckpointSaved
+from tunekit.trainer.events import CheckpointSaved, StepDone
 from tunekit.trainer.host import NullHost
 
 
@@ -154,6 +156,30 @@ def test_a_full_disk_mid_save_stops_with_advice_leaves_no_half_state_and_keeps_t
     resumed = make_session(tmp_path, steps=8)
     resumed.resume(latest_state_folder(tmp_path))
     assert resumed.run(NullHost()).steps_done == 8
+
+
+@pytest.mark.parametrize("settings", [{}, {"optimizer": "sgd"}, {"ema_decay": 0.99}, {"rank": 32, "alpha": 32}])
+def test_the_size_of_a_state_is_estimated_within_25_percent(tmp_path, settings):
+    session = make_session(tmp_path, steps=2, **settings)
+    session.run(NullHost())
+    session.save_final(NullHost())
+    written = sum(path.stat().st_size for path in latest_state_folder(tmp_path).iterdir())
+    print(f"\n{settings}: estimated {session.state_bytes()} bytes, written {written}")
+    assert 0.75 * written <= session.state_bytes() <= 1.25 * written
+
+
+def test_a_run_whose_states_cannot_fit_on_the_disk_stops_before_any_step(tmp_path, monkeypatch):
+    session = make_session(tmp_path / "run", steps=8, save_every=2)
+    one_state = session.state_bytes()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=int(2.5 * one_state)))
+    host = RecordingHost()
+    with pytest.raises(SaveError, match=r"holds up to 3 training states .* or set save_every to 0") as raised:
+        session.run(host)
+    assert not host.of(StepDone) and not (tmp_path / "run").exists()
+    print(f"\n{raised.value}")
+
+    make_session(tmp_path / "run", steps=8).run(NullHost())  # one final state: it fits
 
 
 def test_nan_loss_stops_with_advice_and_keeps_the_last_good_state(tmp_path):
