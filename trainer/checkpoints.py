@@ -48,14 +48,13 @@ def save_state(run_dir: Path, state: TrainState) -> Path:
     fails (a full disk...) leaves no half-written folder and raises SaveError naming the state kept."""
     folder = run_dir / f"step_{state.step:06d}"
     created = not folder.exists()
-    kept = latest_state_folder(run_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _write_state(folder, state)
     except Exception as error:  # safetensors and torch.save report a full disk as their own error types
         if created:
             shutil.rmtree(folder, ignore_errors=True)
-        raise SaveError(_save_failure(folder, state.step, error, kept)) from error
+        raise SaveError(_save_failure(folder, state.step, error, latest_state_folder(run_dir))) from error
     _prune(run_dir, keep=folder)
     return folder
 

@@ -9,7 +9,7 @@ from helpers import make_session
 from tunekit.trainer.adapters.kohya import load_lora, save_lora
 from tunekit.trainer.checkpoints import latest_state_folder
 from tunekit.trainer.errors import ConfigError, SaveError, TrainingDivergedError
-from tunekit.trainer.events import CheckpointSaved, StepDone
+from tunekit.trainer.events import CheckpointSaved, Notice, StepDone
 from tunekit.trainer.host import NullHost
 
 
@@ -119,6 +119,30 @@ def test_an_exception_mid_step_keeps_every_completed_step_and_resumes_exactly(tm
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
 
+def test_a_cancel_whose_state_cannot_be_written_says_so_and_keeps_the_last_state(tmp_path, monkeypatch):
+    first = make_session(tmp_path, steps=2)
+    first.run(NullHost())
+    first.save_final(NullHost())  # step_000002: the last complete state
+    torch_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        if isinstance(obj, dict) and "step" in obj:
+            raise OSError(28, "No space left on device")
+        return torch_save(obj, path, *args, **kwargs)
+
+    bridge = FakeBridge()
+    resumed = make_session(tmp_path, bridge=bridge, steps=8)
+    resumed.resume(latest_state_folder(tmp_path))
+    monkeypatch.setattr(torch, "save", disk_full)
+    host = CrashingHost(bridge, crash_in_step=3)
+    with pytest.raises(KeyboardInterrupt):
+        resumed.run(host)
+    notices = [event.message for event in host.of(Notice)]
+    assert any("could not save the training state of step 4" in notice and "No space left" in notice
+               and f"kept: {tmp_path / 'step_000002'}" in notice for notice in notices), notices
+    assert sorted(folder.name for folder in tmp_path.glob("step_*")) == ["step_000002"]
+
+
 def test_resume_refuses_a_different_rank(tmp_path):
     make_session(tmp_path, steps=2, save_every=1).run(NullHost())
     other = make_session(tmp_path, steps=4, rank=8, alpha=8)
@@ -135,10 +159,11 @@ def test_save_every_keeps_the_last_checkpoints(tmp_path):
 
 
 def test_a_full_disk_mid_save_stops_with_advice_leaves_no_half_state_and_keeps_the_last_one(tmp_path, monkeypatch):
-    torch_save = torch.save
+    torch_save, failed = torch.save, []
 
     def disk_full_from_step_4(obj, path, *args, **kwargs):
         if isinstance(obj, dict) and obj.get("step") == 4:  # state.pt, after lora.safetensors was written
+            failed.append(path)
             raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file "
                                "data/0: file write failed")
         return torch_save(obj, path, *args, **kwargs)
@@ -148,9 +173,10 @@ def test_a_full_disk_mid_save_stops_with_advice_leaves_no_half_state_and_keeps_t
     with pytest.raises(SaveError) as raised:
         session.run(NullHost())
     message = str(raised.value)
-    assert "state of step 4" in message and "file write failed" in message and "GB free there" in message
+    assert "state of step 4" in message and "file write failed" in message and "free there" in message
     assert f"the last complete state is kept: {tmp_path / 'step_000002'}" in message
     assert sorted(folder.name for folder in tmp_path.glob("step_*")) == ["step_000002"]
+    assert len(failed) == 1, "the failed state was written a second time on the way out"
 
     monkeypatch.setattr(torch, "save", torch_save)
     resumed = make_session(tmp_path, steps=8)
