@@ -10,6 +10,7 @@ or comfy_api).
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -25,7 +26,9 @@ from ..trainer.errors import TuneKitError
 from ..trainer.events import CheckpointSaved, Event, Notice, StepDone, ValidationLoss
 from ..trainer.files import unused_path
 from ..trainer.finetune import FullFineTune
-from ..trainer.memory import explained_out_of_memory
+from ..trainer.memory import common_settings, explained_out_of_memory
+from ..trainer.optional import require
+from ..trainer.parallel import DataParallel
 from ..trainer.runfile import RunFile, run_table
 from ..trainer.session import TrainSession
 from ..trainer.text_encoders import chosen_encoders
@@ -73,7 +76,30 @@ class ConsoleHost:
 
 def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: bool = False,
           every: int = LOG_EVERY) -> str:
-    """Train the run; returns the report. A cancelled run raises KeyboardInterrupt after saving its state."""
+    """Train the run; returns the report. A cancelled run raises KeyboardInterrupt after saving its state.
+    Started by `accelerate launch` (or torchrun) on several processes, they train it together."""
+    with launched_processes(cpu) as parallel:
+        return _train(run, resume, comfyui, cpu, every, parallel)
+
+
+@contextmanager
+def launched_processes(cpu: bool):
+    """This process's place among those a launcher started (WORLD_SIZE > 1): accelerate's PartialState joins
+    their process group (NCCL between GPUs, gloo on the CPU) and gives this process its own GPU before
+    ComfyUI picks a device. The other processes log only warnings. One process: nothing to join."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield DataParallel()
+        return
+    state = require("accelerate", "training on several processes").PartialState(cpu=cpu)
+    if not state.is_main_process:
+        log.setLevel(logging.WARNING)
+    try:
+        yield DataParallel.from_process_group()
+    finally:
+        state.destroy_process_group()
+
+
+def _train(run: RunFile, resume: bool, comfyui: Path | None, cpu: bool, every: int, parallel: DataParallel) -> str:
     import_comfy(comfyui, cpu)
     from .bridge import ComfyModelBridge
     from .memory_fit import fit_session, out_of_memory_types
@@ -85,13 +111,20 @@ def train(run: RunFile, resume: bool = False, comfyui: Path | None = None, cpu: 
     trainable = full_finetune(model, bridge, run.config) if run.method == "finetune" else None
     if run.method == "embedding":
         trainable = TokenEmbedding.from_init_word(bridge, run.name, run.config.init_word, run.config.num_vectors)
-    session = _start_session(bridge, dataset, run, resume, trainable)
+    session = _start_session(bridge, dataset, run, resume, trainable, parallel)
     # As the nodes: the run fits the free memory, or 'auto' changes settings, or it stops.
     session = fit_session(session, lambda fitted: _start_session(
-        bridge, dataset, dataclasses.replace(run, config=fitted), resume, trainable))[0]
+        bridge, dataset, dataclasses.replace(run, config=fitted), resume, trainable, parallel))[0]
+    if (agreed := common_settings(parallel.gather(session.config))) != session.config:
+        session = _start_session(bridge, dataset, dataclasses.replace(run, config=agreed), resume, trainable, parallel)
     session.run_toml = run.run_table()
+    if parallel.world_size > 1:
+        log.info("training on %d processes: each step trains %d batches of %d", parallel.world_size,
+                 parallel.world_size * run.config.gradient_accumulation_steps, run.config.batch_size)
     with host.ctrl_c_cancels(), explained_out_of_memory(session, out_of_memory_types()):
         result = session.run(host)
+    if not parallel.is_main:
+        return f"{parallel}: trained {session.step} steps; the first process saves the results."
     if result.stopped_early:
         log.warning("cancelled at step %d; state kept in %s. To continue: tunekit train --config %s --resume",
                     session.step, session.last_checkpoint, run.path)
@@ -150,15 +183,16 @@ def load_dataset(run: RunFile):
     return scan_image_folder(run.dataset, run.caption_extension, run.trigger_word)
 
 
-def _start_session(bridge, dataset, run: RunFile, resume: bool, trainable=None) -> TrainSession:
+def _start_session(bridge, dataset, run: RunFile, resume: bool, trainable=None,
+                   parallel: DataParallel | None = None) -> TrainSession:
     config = run.config
     base_dir = run.output_dir / run.name
     previous = latest_run_state(base_dir) if resume else None
     if previous is None:
         if resume:
             log.info("no saved state of run '%s' in %s yet: starting fresh.", run.name, run.output_dir)
-        return TrainSession(bridge, dataset, config, unused_path(base_dir), trainable=trainable)
-    session = TrainSession(bridge, dataset, config, previous.parent, trainable=trainable)
+        return TrainSession(bridge, dataset, config, unused_path(base_dir), trainable=trainable, parallel=parallel)
+    session = TrainSession(bridge, dataset, config, previous.parent, trainable=trainable, parallel=parallel)
     session.resume(previous)
     log.info("resuming run '%s' at step %d from %s", run.name, session.step, previous)
     return session

@@ -63,6 +63,7 @@ MANAGER_REQUIREMENTS = "manager_requirements.txt"
 TEST_PACKAGES = (
     "pytest", "playwright",
     "peft==0.21.2", "bitsandbytes==0.50.2", "pytorch-optimizer==4.1.0", "onnx==1.23.2", "onnxruntime==1.31.1",
+    "accelerate==1.15.0",
 )
 
 

@@ -411,5 +411,13 @@ def with_changes(config, changes: dict):
     return dataclasses.replace(config, **changes) if changes else config
 
 
+def common_settings(configs: list):
+    """One set of settings for the processes of a data-parallel run, whose 'auto' fits may differ (GPUs with
+    different free memory): the smallest batch with its accumulation steps, and gradient checkpointing where
+    any process needs it. Every process must train as many micro-steps, or the gradient averaging waits forever."""
+    smallest = min(configs, key=lambda config: config.batch_size)
+    return dataclasses.replace(smallest, gradient_checkpointing=any(config.gradient_checkpointing for config in configs))
+
+
 def _gb(value: int) -> str:
     return f"{value / GB:.2f} GB"

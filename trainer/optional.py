@@ -34,6 +34,7 @@ OPTIONAL_PACKAGES: dict[str, OptionalPackage] = {
     "pytorch_optimizer": OptionalPackage("pytorch_optimizer", "pytorch-optimizer",
                                          "the 'lion', 'prodigy' and 'schedule_free_adamw' optimizers"),
     "onnxruntime": OptionalPackage("onnxruntime", "onnxruntime", "auto-captioning with WD14 taggers"),
+    "accelerate": OptionalPackage("accelerate", "accelerate", "headless training on several GPUs (accelerate launch)"),
     # In requirements.txt, so installed with TuneKit; a broken install must still leave training working.
     "diffusers.optimization": OptionalPackage("diffusers.optimization", "diffusers",
                                               "learning-rate schedules other than 'constant'"),

@@ -27,6 +27,7 @@ from .losses import min_snr_weights, per_sample_mse, snr
 from .memory import optimizer_state_bytes, state_tensors
 from .noise import add_noise, draw_noise, is_zero_terminal, rescale_zero_terminal_snr, training_target
 from .optim import build_optimizer, is_schedule_free, optimizer_name
+from .parallel import DataParallel
 from .precision import Precision
 from .schedules import build_scheduler
 from .text_encoders import network_param_groups, text_encoder_targets
@@ -55,18 +56,22 @@ class TrainSession:
         run_dir: Path | None = None,
         cache_dir: Path | None = None,
         trainable: torch.nn.Module | None = None,
+        parallel: DataParallel | None = None,
     ):
         """`trainable`: what to train instead of the LoRA network the config describes (e.g. a
         trainer.finetune.FullFineTune); it has the network's interface: attach/detach, parameters,
         kohya_state_dict/load_kohya_state_dict for resumable states, and optionally param_groups(config).
         With `config.pivotal` a given embedding (trainer.embeddings.TokenEmbedding) trains together with
-        that LoRA network (pivotal tuning)."""
+        that LoRA network (pivotal tuning). `parallel`: this process's place in a data-parallel run
+        (trainer/parallel.py); only the main process has a run folder, so only it writes."""
         # The settings and how they fit the loaded model, all at once.
         if found := [*config.problems(), *config.model_problems(bridge.prediction_type, bridge.family.name)]:
             raise ConfigError(found)
         if not len(dataset):
             raise DatasetError("The dataset is empty: give the trainer at least one image.")
-        self.bridge, self.dataset, self.config, self.run_dir = bridge, dataset, config, run_dir
+        self.parallel = parallel or DataParallel()
+        self.bridge, self.dataset, self.config = bridge, dataset, config
+        self.run_dir = run_dir if self.parallel.is_main else None
         self.plan: DatasetPlan = plan_dataset(dataset, config.resolution)
         if not self.plan.items:
             reasons = "; ".join(f"{Path(s.source).name}: {s.reason}" for s in self.plan.unassigned[:5])
@@ -127,7 +132,7 @@ class TrainSession:
             self.ema = EMA(self._trained_parameters(), config.ema_decay) if config.ema_decay else None
         self.alphas = self._training_alphas()
         self.timestep_weights = timestep_weights(config, len(self.alphas))
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # each epoch's batch order
         self.step, self.order, self.position = 0, [], 0  # order: this epoch's batches (plan item indices)
 
     def _param_groups(self) -> list[dict]:
@@ -223,7 +228,7 @@ class TrainSession:
                     self._good = self._state()
                 self._call_step_hooks(host)
                 while self.step < self.config.steps:
-                    if host.should_stop():
+                    if self.parallel.any(host.should_stop()):
                         return self._stop_early(host)
                     self._train_step(host)
                     self._call_step_hooks(host)
@@ -272,10 +277,11 @@ class TrainSession:
         step_loss = torch.zeros((), device=self.bridge.device)
         for micro in range(accumulation):
             with torch.no_grad():
-                batch = self._next_batch(self.step * accumulation + micro)
-            loss = self._loss(batch, self.generator)
+                batch, number = self._next_batch(self.step * accumulation + micro)
+            loss = self._loss(batch, self._batch_generator(number))
             self.precision.backward(loss / accumulation)
             step_loss += loss.detach() / accumulation
+        self.parallel.average_gradients(self._trained_parameters())
         self._unread.append(step_loss)
         if self._loss_due():
             self._read_losses(newest=self.step + 1)
@@ -307,7 +313,7 @@ class TrainSession:
         them); a non-finite loss stops the run before the running step's update."""
         if not self._unread:
             return
-        values = torch.stack(self._unread).tolist()
+        values = self.parallel.average(torch.stack(self._unread)).tolist()
         first_step = newest + 1 - len(values)
         self._unread = []
         for offset, value in enumerate(values):
@@ -371,17 +377,32 @@ class TrainSession:
         prediction = self.bridge.predict(noisy.to(device), timesteps.to(device), [example.prompt], [example.size])
         return per_sample_mse(prediction, target.to(device)).item()
 
-    def _next_batch(self, batch_number: int) -> list[Example]:
-        """The next batch of one bucket. Batches are drawn once per epoch; the order and position are
-        saved, and every random choice inside a batch is seeded by its number, so resume is exact."""
+    def _next_batch(self, micro_step: int) -> tuple[list[Example], int]:
+        """This process's batch of a micro-step, and its number. Each micro-step takes the next batch of the
+        order for each process (one process: one batch), in turn; this process keeps its own."""
+        for rank in range(self.parallel.world_size):
+            indices = self._next_indices()
+            if rank == self.parallel.rank:
+                mine = indices
+        number = micro_step * self.parallel.world_size + self.parallel.rank
+        epoch = number // self.steps_per_epoch + 1
+        total = self.config.steps * self.config.gradient_accumulation_steps * self.parallel.world_size
+        return self.feed.batch(mine, number, epoch, total), number
+
+    def _next_indices(self) -> list[int]:
+        """The plan items of the next batch (one bucket). Batches are drawn once per epoch; the order and
+        position are saved, and every random choice inside a batch is seeded by its number, so resume is exact."""
         if self.position >= len(self.order):
             self.order = epoch_batches(self.plan, self.config.batch_size, self.generator)
             self.position = 0
-        indices = self.order[self.position]
         self.position += 1
-        epoch = batch_number // self.steps_per_epoch + 1
-        total = self.config.steps * self.config.gradient_accumulation_steps
-        return self.feed.batch(indices, batch_number, epoch, total)
+        return self.order[self.position - 1]
+
+    def _batch_generator(self, batch_number: int) -> torch.Generator:
+        """The generator of a batch's noise and timesteps, seeded by the run's seed and the batch's number:
+        the same draws whichever process trains the batch, and after a resume."""
+        digest = hashlib.sha256(f"tunekit:noise:{self.config.seed}:{batch_number}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
     def plan_fingerprint(self) -> str:
         """Identifies the planned items (content, bucket, repeats): a saved order is only valid for them."""
@@ -529,6 +550,7 @@ class TrainSession:
             prediction_type=self.bridge.prediction_type,
             optimizer=optimizer_name(self.optimizer),
             zero_terminal_snr=is_zero_terminal(self.alphas),
+            processes=self.parallel.world_size,
         )
         # Pivotal tuning exports its LoRA; the embedding is a file of its own (trainer/embeddings.py).
         network = self.network.lora if isinstance(self.network, PivotalTuning) else self.network

@@ -26,10 +26,10 @@ def solid_dataset(count: int = 4) -> Dataset:
     return Dataset.from_images([TrainImage(f"graph image {i}", "tkred square", pixels) for i, pixels in enumerate(solid_images(count))])
 
 
-def make_session(run_dir: Path | None = None, bridge: FakeBridge | None = None, **overrides) -> TrainSession:
+def make_session(run_dir: Path | None = None, bridge: FakeBridge | None = None, parallel=None, **overrides) -> TrainSession:
     settings = dict(steps=40, learning_rate=5e-3, rank=4, alpha=4, resolution=64, seed=3)
     settings.update(overrides)
-    return TrainSession(bridge or FakeBridge(), solid_dataset(), TrainConfig(**settings), run_dir)
+    return TrainSession(bridge or FakeBridge(), solid_dataset(), TrainConfig(**settings), run_dir, parallel=parallel)
 
 
 def write_png(path: Path, colour=(200, 20, 20), mode="RGB", size=(32, 32)) -> Path:

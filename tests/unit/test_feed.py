@@ -52,7 +52,7 @@ def test_batches_never_mix_buckets_and_an_epoch_covers_every_repeat(tmp_path):
     assert s.steps_per_epoch == 6
     seen = []
     for number in range(s.steps_per_epoch):
-        batch = s._next_batch(number)
+        batch, _ = s._next_batch(number)
         assert len({tuple(example.latent.shape) for example in batch}) == 1
         seen.extend(s.order[s.position - 1])
     assert sorted(seen) == sorted(list(range(6)) * 2)

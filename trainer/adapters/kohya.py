@@ -28,6 +28,7 @@ def lora_metadata(
     prediction_type: str,
     optimizer: str = "torch.optim.adamw.AdamW",
     zero_terminal_snr: bool = False,
+    processes: int = 1,
 ) -> dict[str, str]:
     """kohya's `ss_*` keys (the minimum set, what UIs display, and every training option under kohya's name
     where it has one) plus the SAI model spec."""
@@ -46,6 +47,7 @@ def lora_metadata(
         "ss_text_encoder_lr": str(config.effective_text_encoder_lr) if config.text_encoders != "none" else "0",
         "ss_network_train_unet_only": str(config.text_encoders == "none"),
         "ss_batch_size_per_device": str(config.batch_size),
+        "ss_total_batch_size": str(config.batch_size * config.gradient_accumulation_steps * processes),
         "ss_seed": str(config.seed),
         **training_option_metadata(config, optimizer, prediction_type, zero_terminal_snr),
         "ss_training_started_at": str(started_at),
