@@ -139,7 +139,9 @@ def _train(model, clip, vae, dataset, config, run_name, resume, monitor, node_id
     result, unsaved = train_to_end(session, host, run_name)
     report = training_report(session, result.losses) + (f"; {watcher.summary()}" if watcher else "") \
         + (f" {memory_report}" if memory_report else "") + (f" {unsaved}" if unsaved else "")
-    return *finetuned_models(model, clip, trainable), report, session.step
+    with session.weights_to_save():  # EMA averages or the lowest validation round, where those are what is saved
+        trained = finetuned_models(model, clip, trainable)
+    return *trained, report, session.result_step
 
 
 def _save_checkpoint(model, clip, vae, run_name: str, config: TrainConfig, steps_done: int) -> Path:

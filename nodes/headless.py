@@ -135,9 +135,10 @@ def _train(run: RunFile, resume: bool, comfyui: Path | None, cpu: bool, every: i
     elif run.method == "embedding":
         saved = save_run_embedding(session, trainable, run.name)
     else:
-        trained, trained_clip = finetuned_models(model, clip, trainable)
+        with session.weights_to_save():  # the EMA averages where those are what is saved
+            trained, trained_clip = finetuned_models(model, clip, trainable)
         saved = write_checkpoint(unused_path(session.run_dir / f"{run.name}.safetensors"), trained, trained_clip, vae,
-                                 session.config, session.step)
+                                 session.config, session.result_step)
     return _report(result.losses, session.step, saved)
 
 

@@ -51,7 +51,8 @@ class SampleAndValidate(io.ComfyNode):
                 "Connect to Train LoRA's 'monitor' input. At step 0, every N steps and at the end it samples your "
                 "prompts with the model as trained so far (shown on the Train LoRA node, saved in the run folder) "
                 "and measures the loss on held-out images at fixed noise and timesteps (validation.csv): a curve "
-                "that rises while the training loss falls means overfitting."
+                "that rises while the training loss falls means overfitting. 'patience' stops there; 'keep_best' "
+                "returns the weights of the lowest point."
             ),
             inputs=[
                 io.Int.Input("every", default=50, min=1, max=1_000_000,
@@ -75,17 +76,26 @@ class SampleAndValidate(io.ComfyNode):
                              tooltip="Chooses the held-out images and their fixed noise."),
                 DatasetType.Input("validation", optional=True,
                                   tooltip="A separate validation dataset (instead of holding out validation_count images)."),
+                io.Int.Input("patience", default=0, min=0, max=10_000, optional=True,
+                             tooltip="Stop training once the validation loss has not reached a new low for this many "
+                                     "rounds (every N steps each); the run finishes and saves as if at its last step. "
+                                     "0: train every step. Needs a validation loss."),
+                io.Boolean.Input("keep_best", default=False, optional=True,
+                                 tooltip="Return and save the weights of the round with the lowest validation loss "
+                                         "instead of the last (the saved state still resumes from the last step). "
+                                         "Keeps a copy of the trained weights in RAM. Needs a validation loss."),
             ],
             outputs=[MonitorType.Output(display_name="monitor")],
         )
 
     @classmethod
     def execute(cls, every, prompts, negative_prompt, seed, steps, cfg, sampler_name, scheduler, width, height,
-                validation_count, validation_seed, validation=None):
+                validation_count, validation_seed, validation=None, patience=0, keep_best=False):
         if validation is not None and validation_count:
             raise ConfigError([(f"validation_count is {validation_count} and a validation dataset is connected: use "
                                 f"one, set validation_count to 0 or disconnect the validation input.")])
-        settings = MonitorSettings(every=every, validation_count=validation_count, validation_seed=validation_seed)
+        settings = MonitorSettings(every=every, validation_count=validation_count, validation_seed=validation_seed,
+                                   patience=patience, keep_best=keep_best)
         if problems := settings.problems():
             raise ConfigError(problems)
         lines = tuple(line.strip() for line in prompts.splitlines() if line.strip())

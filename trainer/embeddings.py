@@ -185,7 +185,7 @@ def save_trained_embedding(session, embedding: TokenEmbedding, path: Path) -> tu
     """The session's embedding as a save writes it (EMA averages where on), at `path` or beside it with a
     suffix; returns (the file, its vectors)."""
     with session.weights_to_save():
-        saved = save_embedding(unused_path(path), embedding, session.config, session.step)
+        saved = save_embedding(unused_path(path), embedding, session.config, session.result_step)
         return saved, embedding.trained_vectors()
 
 
@@ -198,7 +198,7 @@ def save_pivotal_lora(session, embedding_file: Path, path: Path) -> tuple[Path, 
     metadata = {**metadata, "ss_output_name": path.stem, "modelspec.title": path.stem,
                 "modelspec.trigger_phrase": EMBEDDING_PREFIX + embedding_file.stem,
                 "ss_tunekit_embedding": json.dumps({**_embedding_facts(embedding_file.stem, embedding, session.config,
-                                                                        session.step), "file": embedding_file.name})}
+                                                                        session.result_step), "file": embedding_file.name})}
     return save_lora(path, tensors, metadata), tensors, metadata
 
 

@@ -41,6 +41,8 @@ class MonitorSettings:
     validation_count: int = 0  # images of the dataset held out for the validation loss (not trained on)
     validation_seed: int = 0  # picks the held-out images and their fixed noise
     draws: int = 4  # (noise, timestep) pairs per held-out image; timesteps evenly spread over the schedule
+    patience: int = 0  # stop once the validation loss has not reached a new low for this many rounds (0: never)
+    keep_best: bool = False  # the result holds the weights of the round with the lowest validation loss
 
     def problems(self) -> list[str]:
         found = []
@@ -50,7 +52,14 @@ class MonitorSettings:
             found.append(f"validation_count is {self.validation_count}: use 0 (no held-out images) or more.")
         if self.draws < 1:
             found.append(f"draws is {self.draws}: use at least 1 noise draw per validation image (4 is typical).")
+        if self.patience < 0:
+            found.append(f"patience is {self.patience}: use 0 (train every step) or the rounds without a new low "
+                         f"validation loss after which to stop (e.g. 3).")
         return found
+
+    @property
+    def needs_validation(self) -> bool:
+        return bool(self.patience or self.keep_best)
 
 
 def split_validation(dataset: Dataset, count: int, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -138,13 +147,25 @@ class ValidationSet:
         return total / len(self.examples)
 
 
+@dataclass(frozen=True)
+class BestRound:
+    step: int
+    loss: float
+    weights: dict[str, torch.Tensor] | None  # the weights a save would write then (CPU copies), with keep_best
+
+
 class Monitor:
     """The session's step hook: at step 0, every `settings.every` steps and at the last step, the validation
-    loss (emitted and logged to `validation.csv` in the run folder) and the host's samples."""
+    loss (emitted and logged to `validation.csv` in the run folder) and the host's samples. With `patience` it
+    ends the run once the loss has not reached a new low for that many rounds; with `keep_best` the run's
+    result (saved and exported) holds the weights of its lowest round. Both start afresh in a resumed run."""
 
     def __init__(self, settings: MonitorSettings, validation: ValidationSet | None = None,
                  sampler: Sampler | None = None, log_dir: Path | None = None):
         problems = settings.problems()
+        if settings.needs_validation and validation is None:
+            problems.append("patience and keep_best follow the validation loss: hold out images with validation_count, "
+                            "or connect a validation dataset.")
         if problems:
             raise ConfigError(problems)
         self.settings, self.validation, self.sampler = settings, validation, sampler
@@ -154,6 +175,9 @@ class Monitor:
         self.seconds = {"validation": 0.0, "samples": 0.0}
         self._losses_seen = 0
         self._done: set[int] | None = None  # steps monitored; None until the first call
+        self.best: BestRound | None = None
+        self.rounds_since_best = 0
+        self.stopped_at: int | None = None  # where patience ended the run
 
     def due(self, step: int, total_steps: int) -> bool:
         return step % self.settings.every == 0 or step == total_steps
@@ -174,6 +198,8 @@ class Monitor:
                 self._validate(session, host)
             if self.sampler is not None:
                 self._sample(step, host)
+        if self.settings.keep_best and self.best and self._last_round(session):
+            session.use_weights_of(self.best.step, self.best.weights)
 
     def _validate(self, session, host: Host) -> None:
         began = time.perf_counter()
@@ -187,6 +213,24 @@ class Monitor:
         if self.log_path:
             write_log(self.log_path, self.rows)
         host.emit(ValidationLoss(session.step, loss, len(self.validation), train_loss))
+        self._follow_best(session, loss)
+
+    def _follow_best(self, session, loss: float) -> None:
+        """Keep the lowest round (its weights with keep_best); past `patience` rounds without a new low, end the run."""
+        if self.best is None or loss < self.best.loss:
+            weights = None
+            if self.settings.keep_best:
+                weights = {name: value.detach().to("cpu", copy=True) for name, value in session.network.state_dict().items()}
+            self.best, self.rounds_since_best = BestRound(session.step, loss, weights), 0
+            return
+        self.rounds_since_best += 1
+        if self.settings.patience and self.rounds_since_best >= self.settings.patience:
+            self.stopped_at = session.step
+            session.finish_early(f"the validation loss has not gone below {self.best.loss:.4f} (step {self.best.step}) "
+                                 f"for {self.rounds_since_best} rounds")
+
+    def _last_round(self, session) -> bool:
+        return session.step == session.config.steps or self.stopped_at == session.step
 
     def _sample(self, step: int, host: Host) -> None:
         began = time.perf_counter()
@@ -206,6 +250,10 @@ class Monitor:
                 f"{first['validation_loss']:.4f} -> step {last['step']} {last['validation_loss']:.4f}, lowest "
                 f"{best['validation_loss']:.4f} at step {best['step']} ({self.seconds['validation']:.1f} s)"
             )
+        if self.stopped_at is not None:
+            parts.append(f"stopped at step {self.stopped_at}: no new low for {self.settings.patience} rounds")
+        if self.settings.keep_best and self.best:
+            parts.append(f"the result holds the weights of step {self.best.step} (lowest validation loss)")
         if self.samples:
             count = sum(map(len, self.samples.values()))
             parts.append(f"{count} samples at steps {', '.join(map(str, self.samples))} "

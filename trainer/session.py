@@ -93,6 +93,8 @@ class TrainSession:
         self._step_start: tuple | None = None  # RNG and batch position before the running step
         self._unread: list[torch.Tensor] = []  # step losses not yet read back to Python
         self._good: TrainState | None = None  # the last state whose losses were all finite (loss_every > 1)
+        self._finish_reason = ""  # why a step hook ended the run before its last step
+        self._chosen: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, weights) the result holds instead
         # Appended to every saved config.toml: the host's [run] table (trainer/runfile.py), so it re-runs headless.
         self.run_toml = ""
 
@@ -227,12 +229,12 @@ class TrainSession:
                 if self._keeps_good_states:
                     self._good = self._state()
                 self._call_step_hooks(host)
-                while self.step < self.config.steps:
+                while self.step < self.config.steps and not self._finish_reason:
                     if self.parallel.any(host.should_stop()):
                         return self._stop_early(host)
                     self._train_step(host)
                     self._call_step_hooks(host)
-                    if self._save_due():
+                    if self._save_due() and not self._finish_reason:
                         self._save(host, partial=True)
         except TrainingDivergedError:
             self._keep_progress(host, diverged=True)
@@ -244,7 +246,18 @@ class TrainSession:
             self._keep_progress(host)
             raise
         self._read_losses(newest=self.step)
+        if self._finish_reason:
+            host.emit(Notice(f"Finished at step {self.step} of {self.config.steps}: {self._finish_reason}."))
         return TrainResult(self.step, False, self.losses, self._last_checkpoint)
+
+    def finish_early(self, reason: str) -> None:
+        """For a step hook: the run ends after this step as a finished one (saved and exported), for `reason`."""
+        self._finish_reason = reason
+
+    def use_weights_of(self, step: int, weights: dict[str, torch.Tensor]) -> None:
+        """For a step hook at the last step: what is saved and exported from now on holds `weights` (the trainable's
+        state_dict as a save would have written it at `step`); the raw weights stay, so a resume continues them."""
+        self._chosen = (step, weights)
 
     def _training_model(self):
         kwargs = {"gradient_checkpointing": True} if self.config.gradient_checkpointing else {}
@@ -413,8 +426,16 @@ class TrainSession:
     @contextmanager
     def _weights_to_save(self):
         """Inside: the trainable holds what is saved and sampled (EMA averages when save_ema, schedule-free's
-        averaged point); after: exactly the raw training weights again (copied back, never recomputed)."""
-        if self.ema and self.config.save_ema:
+        averaged point; the weights a hook chose, see use_weights_of); after: exactly the raw training weights again
+        (copied back, never recomputed)."""
+        if self._chosen is not None:
+            raw = {name: value.detach().clone() for name, value in self.network.state_dict().items()}
+            self.network.load_state_dict(self._chosen[1])
+            try:
+                yield
+            finally:
+                self.network.load_state_dict(raw)
+        elif self.ema and self.config.save_ema:
             raw = self.ema.swapped_in()
             try:
                 yield
@@ -441,7 +462,12 @@ class TrainSession:
             yield
 
     def _saved_differs_from_raw(self) -> bool:
-        return bool(self.ema and self.config.save_ema) or is_schedule_free(self.optimizer)
+        return self._chosen is not None or bool(self.ema and self.config.save_ema) or is_schedule_free(self.optimizer)
+
+    @property
+    def result_step(self) -> int:
+        """The step whose weights a save writes: the chosen one (use_weights_of), else the last."""
+        return self._chosen[0] if self._chosen else self.step
 
     # ----- saving -----
     def state_bytes(self) -> int:
@@ -543,7 +569,7 @@ class TrainSession:
             self.bridge.family,
             self.config,
             output_name=output_name,
-            steps_done=self.step,
+            steps_done=self.result_step,
             num_images=len(captions),
             tag_frequency=tag_frequency(captions),
             started_at=self.started_at,

@@ -1,8 +1,14 @@
 """DreamBooth and full fine-tune in a real ComfyUI on the tiny SD1.5: the fine-tune learns and its checkpoint
-reloads through CheckpointLoaderSimple to the same image; prior preservation keeps the class prompt near the
-base model; class images are sampled by the graph's model, cached, reused and topped up.
+reloads through CheckpointLoaderSimple to the same image; class images are sampled by the graph's model,
+cached, reused and topped up. Measured in latent space (HOST_NOTES: a random VAE makes pixel distances noisy).
 
-Measured in latent space (HOST_NOTES: a random VAE makes pixel distances noisy)."""
+What prior preservation is for (the class prompt staying near the base model) is not asserted: on a random-weight
+model it has no stable sign. Its samples from noise have a latent std of ~90 while its class images come back
+through the random TAESD at energy ~1.7, so every step's prompt-independent recalibration outweighs the class
+term: drift ratios with/without ranged 0.3-3 over steps, learning rates, class counts and weights, and flipped
+with the training noise draws; the loss on the class images at fixed noise fell further *without* it (0.48 vs
+0.59 after 16 steps, Nov 2026). Its wiring (class images as weighted regularization) is checked by the unit tests
+and by test_headless_train.py's DreamBooth runs."""
 
 import json
 import re
@@ -11,7 +17,10 @@ from pathlib import Path
 
 import pytest
 import safetensors
+import safetensors.torch
+import torch
 from PIL import Image
+from tunekit.trainer.checkpoints import load_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import comfy_host as harness  # noqa: E402
@@ -147,38 +156,21 @@ def test_finetune_with_the_text_encoder_options_and_monitor_reloads_to_the_same_
     assert without_text > 1e-3, "the checkpoint lacks the trained text encoder"
 
 
-def test_prior_preservation_keeps_the_class_prompt_near_the_base_model(comfy, sd15, instance_folder):
-    """Class-prompt samples after a DreamBooth fine-tune with and without prior preservation, against the base
-    model's on the same seed and steps (latent MSE: 2822.5 with, 3186.9 without).
-
-    Why the gap is small here, and no setting makes it robust on this model (measured in the host's Python on
-    the same checkpoint, Nov 2026): prior preservation holds the class near the base model only where the base
-    already reproduces its class images, and a random-weight model cannot. Its samples from noise have a latent
-    std of ~90 (two seeds ~15,000 MSE apart), while its class images come back through the random TAESD at
-    energy ~1.7, and solid red and grey encode 0.08 apart; so drift is mostly the prompt-independent
-    recalibration every step makes, and class images are just more training. Fine-tunes at 8/16/24 steps,
-    lr 1e-4 to 3e-4, 2-4 class images, weight 1-3, a partial denoise from a class latent or a base pre-fitted
-    on the class for 30-120 steps give ratios from 0.3 to 3 that flip between neighbouring settings; LoRA
-    with prior preservation drifts 1.2-9x more. Clear evidence needs a base that fits its class (a small
-    pretrained model); at this setting the sign holds, and that is all it shows.
-    """
-    graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15}},
-        "instance": dataset_node(instance_folder),
-        "class": class_images_node(count=2),
-    }
-    for name, prior in (("pp", True), ("nopp", False)):
-        graph[f"db_{name}"] = {"class_type": "TuneKitDreamBooth", "inputs": {
-            "instance_images": ["instance", 0], "instance_prompt": "sks dog", "class_prompt": CLASS_PROMPT,
-            "prior_preservation": prior, "prior_loss_weight": 1.0, "class_images": ["class", 0]}}
-        graph[f"train_{name}"] = finetune_node([f"db_{name}", 0], f"e2e_db_{name}", steps=16, learning_rate=3e-4)
-        sample_prompt(graph, [f"train_{name}", 0], f"class_{name}", CLASS_PROMPT, seed=3)
-    sample_prompt(graph, ["ckpt", 0], "class_base", CLASS_PROMPT, seed=3)
-    latents = saved_latents(comfy, comfy.run(graph, timeout=1800))
-    drift = {name: (latents[f"class_{name}"] - latents["class_base"]).pow(2).mean().item() for name in ("pp", "nopp")}
-    print(f"\nclass-prompt drift from the base model (latent MSE): with prior preservation {drift['pp']:.4f}, "
-          f"without {drift['nopp']:.4f}")
-    assert drift["pp"] < drift["nopp"]
+def test_a_finetune_with_ema_returns_and_saves_the_ema_weights(comfy, sd15):
+    """Training Options' EMA on Fine-tune: the checkpoint holds the EMA weights the final state saved as its
+    result, not the raw training weights the state keeps for resuming."""
+    red = solid_folder(comfy.input_dir, "e2e_ft_ema_red", caption="tkred").name
+    graph = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd15}},
+             "data": dataset_node(red),
+             "options": {"class_type": "TuneKitTrainingOptions", "inputs": {**option_defaults(comfy), "ema_decay": 0.5}},
+             "train": finetune_node(["data", 0], "e2e_ft_ema", steps=3, learning_rate=3e-4, options=["options", 0])}
+    report = report_of(comfy.run(graph, timeout=900), "train")
+    checkpoint = Path(report.split("Checkpoint: ")[-1].split()[0])
+    unet = safetensors.torch.load_file(str(checkpoint))
+    state = load_state(comfy.output_dir / "tunekit" / "e2e_ft_ema" / "step_000003")
+    assert any(not torch.equal(state.raw_network[key], state.network[key]) for key in state.network)
+    differ = [key for key, ema in state.network.items() if not torch.equal(unet[f"model.diffusion_model.{key}"], ema)]
+    assert not differ, f"{len(differ)} of {len(state.network)} UNet weights are not the EMA ones, e.g. {differ[:3]}"
 
 
 def test_class_images_are_cached_reused_topped_up_and_required(comfy, sd15):

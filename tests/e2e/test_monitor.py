@@ -10,7 +10,9 @@ import uuid
 
 import aiohttp
 import numpy as np
+import safetensors
 import safetensors.torch
+import torch
 from PIL import Image
 
 from .test_train_lora import sd15, solid_folder, train_graph  # noqa: F401  (sd15: session fixture)
@@ -103,3 +105,42 @@ def test_samples_and_validation_every_n_steps_leave_the_weights_unchanged(comfy,
     monitored, plain = final_weights(run_dir), final_weights(comfy.output_dir / "tunekit" / "e2e_monitor_plain")
     assert monitored.keys() == plain.keys()
     assert all(np.array_equal(monitored[k].numpy(), plain[k].numpy()) for k in plain), "sampling changed the training"
+
+
+def test_patience_stops_at_the_first_round_without_a_new_low_and_keep_best_returns_the_lowest(comfy, sd15):
+    """Validation on blue images captioned with the trigger word: their loss falls, then stalls as the LoRA
+    learns red (measured: lowest at step 16, higher at 18). patience 1: the run ends at the first round without
+    a new low; keep_best: the LoRA Save LoRA writes is the one of the lowest round, as its state saved it."""
+    train_folder = solid_folder(comfy.input_dir, "e2e_best_train").name
+    blue = comfy.input_dir / "e2e_best_blue"
+    blue.mkdir(exist_ok=True)
+    for index in range(2):
+        Image.new("RGB", (64, 64), (30, 40, 220 - 10 * index)).save(blue / f"blue_{index}.png")
+        (blue / f"blue_{index}.txt").write_text("tkred")
+    steps, every = 40, 2
+    graph = train_graph(sd15, train_folder, "e2e_best", steps=steps, learning_rate=3e-3, lora_file="e2e_best",
+                        save_every=every)
+    graph["validation"] = {"class_type": "TuneKitDatasetFromFolder", "inputs": {
+        "folder": blue.name, "trigger_word": "", "caption_extension": ".txt", "missing_captions": "error"}}
+    graph["monitor"] = monitor_node(["validation", 0], every=every, prompts="", patience=1, keep_best=True)
+    graph["train"]["inputs"]["monitor"] = ["monitor", 0]
+    report = comfy.run(graph, timeout=600)["outputs"]["train"]["text"][0]
+    print(f"\n{report}")
+
+    run_dir = comfy.output_dir / "tunekit" / "e2e_best"
+    with (run_dir / "validation.csv").open() as handle:
+        curve = [(int(row["step"]), float(row["validation_loss"])) for row in csv.DictReader(handle)]
+    print(f"validation curve: {curve}")
+    best = min(curve, key=lambda point: point[1])
+    first_without_new_low = next(step for (step, loss), (_, before) in zip(curve[1:], curve) if loss >= before)
+    assert curve[-1][0] == first_without_new_low < steps, "patience 1 ends the run at the first round without a new low"
+    assert best[0] == first_without_new_low - every
+    assert f"Trained {first_without_new_low} steps" in report
+    assert f"the result holds the weights of step {best[0]} (lowest validation loss)" in report
+
+    saved = safetensors.torch.load_file(str(comfy.models_dir / "loras" / "e2e_best.safetensors"))
+    with safetensors.safe_open(str(comfy.models_dir / "loras" / "e2e_best.safetensors"), "pt") as handle:
+        assert handle.metadata()["ss_steps"] == str(best[0])
+    at_best = safetensors.torch.load_file(str(run_dir / f"step_{best[0]:06d}" / "lora.safetensors"))
+    assert saved.keys() == at_best.keys()
+    assert all(torch.equal(saved[key], at_best[key].half()) for key in saved)

@@ -7,10 +7,11 @@ import pytest
 import torch
 from fakes import FakeBridge, RecordingHost
 from helpers import solid_images
+from tunekit.trainer.checkpoints import load_state
 from tunekit.trainer.config import TrainConfig
 from tunekit.trainer.data import Dataset, TrainImage
 from tunekit.trainer.errors import ConfigError
-from tunekit.trainer.events import SamplesSaved, ValidationLoss
+from tunekit.trainer.events import Notice, SamplesSaved, ValidationLoss
 from tunekit.trainer.monitor import Monitor, MonitorSettings, ValidationSet, read_log, split_validation
 from tunekit.trainer.session import TrainSession
 
@@ -116,3 +117,74 @@ def test_a_resumed_run_continues_its_validation_curve(tmp_path):
     longer.run(host)
     assert [e.step for e in host.of(ValidationLoss)] == [6, 9]
     assert [row["step"] for row in read_log(tmp_path / "validation.csv")] == [0, 3, 6, 9]
+
+
+class ScriptedValidation(ValidationSet):
+    """Held-out images whose loss at each round is given (the rule under test is what follows from the curve)."""
+
+    def __init__(self, losses):
+        super().__init__(FakeBridge(), six_images(), 64, seed=5, draws=1)
+        self.script = iter(losses)
+
+    def loss(self) -> float:
+        return next(self.script)
+
+
+# Rounds at steps 0, 2, 4, ...: the lowest at step 4, then three rounds without a new low (steps 6, 8, 10).
+CURVE = [1.0, 0.8, 0.7, 0.75, 0.72, 0.71, 0.5, 0.4]
+
+
+class WeightsPerStep:
+    """A step hook recording the trained weights after every step."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def __call__(self, session, host):
+        self.weights[session.step] = network_weights(session)
+
+
+def early_stopping_session(run_dir, keep_best):
+    session = TrainSession(FakeBridge(), six_images(), TrainConfig(steps=40, save_every=5, **SETTINGS), run_dir)
+    monitor = Monitor(MonitorSettings(every=2, patience=3, keep_best=keep_best), ScriptedValidation(CURVE), log_dir=run_dir)
+    recorder = WeightsPerStep()
+    session.step_hooks += [monitor, recorder]
+    return session, monitor, recorder
+
+
+def test_patience_finishes_the_run_after_that_many_rounds_without_a_new_low(tmp_path):
+    session, monitor, _ = early_stopping_session(tmp_path, keep_best=False)
+    host = RecordingHost()
+    result = session.run(host)
+    assert (result.steps_done, result.stopped_early) == (10, False)
+    assert [row["step"] for row in read_log(tmp_path / "validation.csv")] == [0, 2, 4, 6, 8, 10]
+    assert "Finished at step 10 of 40: the validation loss has not gone below 0.7000 (step 4) for 3 rounds." in [notice.message for notice in host.of(Notice)]
+    assert "stopped at step 10: no new low for 3 rounds" in monitor.summary()
+    session.save_final(host)
+    assert session.last_checkpoint.name == "step_000010"
+    _, metadata = session.export("early")
+    assert metadata["ss_steps"] == "10"
+
+
+def test_keep_best_saves_and_exports_the_lowest_rounds_weights_and_resumes_from_the_last(tmp_path):
+    session, monitor, recorder = early_stopping_session(tmp_path, keep_best=True)
+    session.run(RecordingHost())
+    session.save_final(RecordingHost())
+    best, last = recorder.weights[4], recorder.weights[10]
+    assert any(not torch.equal(best[key], last[key]) for key in best)
+    tensors, metadata = session.export("best")
+    assert metadata["ss_steps"] == "4"
+    assert all(torch.equal(tensors[key], best[key].half()) for key in best), "the export holds step 4's weights"
+    assert all(torch.equal(value, last[key]) for key, value in network_weights(session).items()), \
+        "after the export the network holds the last weights again"
+    state = load_state(session.last_checkpoint)
+    assert all(torch.equal(state.network[key], best[key]) for key in best)
+    assert all(torch.equal(state.raw_network[key], last[key]) for key in last), "a resume continues the last weights"
+    assert "the result holds the weights of step 4 (lowest validation loss)" in monitor.summary()
+
+
+def test_patience_and_keep_best_without_a_validation_loss_are_refused():
+    with pytest.raises(ConfigError, match="patience and keep_best follow the validation loss"):
+        Monitor(MonitorSettings(every=5, keep_best=True))
+    with pytest.raises(ConfigError, match="patience is -1"):
+        Monitor(MonitorSettings(every=5, patience=-1), ScriptedValidation(CURVE))
