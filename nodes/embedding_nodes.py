@@ -136,7 +136,8 @@ class TrainEmbedding(io.ComfyNode):
         session, host = start(config)
         # Before any work: the run fits the device's free memory, or auto changes settings, or it stops here.
         session, memory_report = fit_session(session, lambda fitted: start(fitted)[0])
-        session.run_toml = node_run_table(session, model, clip, name, method="embedding")  # `tunekit train` re-runs it
+        session.run_toml = node_run_table(session, model, clip, name, method="embedding",
+                                          validation=monitor and (monitor.settings, held_out))  # `tunekit train` re-runs it
         watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
         if watcher:
             session.step_hooks.append(watcher)

@@ -132,7 +132,8 @@ def _train(model, clip, vae, dataset, config, run_name, resume, monitor, node_id
     # Before any work: the run fits the device's free memory, or auto changes settings, or it stops here.
     session, memory_report = fit_session(session, lambda fitted: start_session(
         bridge, dataset, fitted, run_name, resume, node_id, trainable)[0])
-    session.run_toml = node_run_table(session, model, clip, run_name, method="finetune")
+    session.run_toml = node_run_table(session, model, clip, run_name, method="finetune",
+                                      validation=monitor and (monitor.settings, held_out))
     watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
     if watcher:
         session.step_hooks.append(watcher)

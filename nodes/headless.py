@@ -27,9 +27,10 @@ from ..trainer.events import CheckpointSaved, Event, Notice, StepDone, Validatio
 from ..trainer.files import unused_path
 from ..trainer.finetune import FullFineTune
 from ..trainer.memory import common_settings, explained_out_of_memory
+from ..trainer.monitor import Monitor, MonitorSettings, ValidationSet, split_validation, validation_dataset
 from ..trainer.optional import require
 from ..trainer.parallel import DataParallel
-from ..trainer.runfile import RunFile, run_table
+from ..trainer.runfile import RunFile, run_table, validation_table
 from ..trainer.session import TrainSession
 from ..trainer.text_encoders import chosen_encoders
 
@@ -102,22 +103,21 @@ def launched_processes(cpu: bool):
 def _train(run: RunFile, resume: bool, comfyui: Path | None, cpu: bool, every: int, parallel: DataParallel) -> str:
     import_comfy(comfyui, cpu)
     from .bridge import ComfyModelBridge
-    from .memory_fit import fit_session, out_of_memory_types
+    from .memory_fit import out_of_memory_types
 
-    dataset = load_dataset(run)
+    dataset, held_out = validation_split(run, load_dataset(run))
     log.info("dataset: %s", dataset.summary())
     model, clip, vae = load_checkpoint(run.checkpoint)
     bridge, host = ComfyModelBridge(model, clip, vae), ConsoleHost(every)
     trainable = full_finetune(model, bridge, run.config) if run.method == "finetune" else None
     if run.method == "embedding":
         trainable = TokenEmbedding.from_init_word(bridge, run.name, run.config.init_word, run.config.num_vectors)
-    session = _start_session(bridge, dataset, run, resume, trainable, parallel)
-    # As the nodes: the run fits the free memory, or 'auto' changes settings, or it stops.
-    session = fit_session(session, lambda fitted: _start_session(
-        bridge, dataset, dataclasses.replace(run, config=fitted), resume, trainable, parallel))[0]
-    if (agreed := common_settings(parallel.gather(session.config))) != session.config:
-        session = _start_session(bridge, dataset, dataclasses.replace(run, config=agreed), resume, trainable, parallel)
+    session = _fitted_session(bridge, dataset, run, resume, trainable, parallel)
     session.run_toml = run.run_table()
+    monitor = None
+    if held_out is not None and parallel.is_main:  # the others follow its decision to stop (session.run)
+        monitor = validation_monitor(run.validation, session, held_out)
+        session.step_hooks.append(monitor)
     if parallel.world_size > 1:
         log.info("training on %d processes: each step trains %d batches of %d", parallel.world_size,
                  parallel.world_size * run.config.gradient_accumulation_steps, run.config.batch_size)
@@ -139,7 +139,21 @@ def _train(run: RunFile, resume: bool, comfyui: Path | None, cpu: bool, every: i
             trained, trained_clip = finetuned_models(model, clip, trainable)
         saved = write_checkpoint(unused_path(session.run_dir / f"{run.name}.safetensors"), trained, trained_clip, vae,
                                  session.config, session.result_step)
-    return _report(result.losses, session.step, saved)
+    return _report(result.losses, session.step, saved) + (f"; {monitor.summary()}" if monitor else "")
+
+
+def _fitted_session(bridge, dataset, run: RunFile, resume: bool, trainable, parallel: DataParallel) -> TrainSession:
+    """As the nodes: the run fits the free memory, or 'auto' changes settings, or it stops; with several
+    processes, all take the same settings."""
+    from .memory_fit import fit_session
+
+    def start(config: TrainConfig) -> TrainSession:
+        return _start_session(bridge, dataset, dataclasses.replace(run, config=config), resume, trainable, parallel)
+
+    session = fit_session(start(run.config), start)[0]
+    if (agreed := common_settings(parallel.gather(session.config))) != session.config:
+        session = start(agreed)
+    return session
 
 
 def import_comfy(comfyui: Path | None, cpu: bool) -> None:
@@ -175,13 +189,34 @@ def load_checkpoint(path: Path):
     return model, clip, vae
 
 
-def load_dataset(run: RunFile):
-    """A kohya dataset TOML, or a folder read as the Dataset from Folder node reads it."""
-    if run.dataset.suffix.lower() == ".toml":
-        return read_kohya_toml(run.dataset)
-    if is_legacy_layout(run.dataset) and not list_images(run.dataset, False):
-        return scan_legacy_folders(run.dataset, run.caption_extension, run.trigger_word)
-    return scan_image_folder(run.dataset, run.caption_extension, run.trigger_word)
+def load_dataset(run: RunFile, path: Path | None = None):
+    """A kohya dataset TOML, or a folder read as the Dataset from Folder node reads it (`path`: instead of the
+    run's dataset)."""
+    path = path or run.dataset
+    if path.suffix.lower() == ".toml":
+        return read_kohya_toml(path)
+    if is_legacy_layout(path) and not list_images(path, False):
+        return scan_legacy_folders(path, run.caption_extension, run.trigger_word)
+    return scan_image_folder(path, run.caption_extension, run.trigger_word)
+
+
+def validation_split(run: RunFile, dataset):
+    """(what trains, what validates) as Sample & Validate splits them: a separate validation set, or
+    validation_count images held out of the dataset; (dataset, None) without a [validation] table."""
+    if run.validation is None:
+        return dataset, None
+    if run.validation_dataset is not None:
+        return dataset, validation_dataset(load_dataset(run, run.validation_dataset))
+    return split_validation(dataset, run.validation.validation_count, run.validation.validation_seed)
+
+
+def validation_monitor(settings: MonitorSettings, session: TrainSession, held_out) -> Monitor:
+    """The validation loss every N steps (validation.csv in the run folder), with its patience and keep_best;
+    no samples headless."""
+    validation = ValidationSet(session.bridge, held_out, session.config.resolution, settings.validation_seed,
+                               settings.draws, text_trains=session.feed.text_trains)
+    validation.prepare()
+    return Monitor(settings, validation, log_dir=session.run_dir)
 
 
 def _start_session(bridge, dataset, run: RunFile, resume: bool, trainable=None,
@@ -294,14 +329,21 @@ def _report(losses: list[float], steps: int, saved: Path) -> str:
 
 # ----- what Train LoRA writes so its run re-runs here -----
 
-def node_run_table(session: TrainSession, model, clip, run_name: str, method: str = "lora") -> str:
+def node_run_table(session: TrainSession, model, clip, run_name: str, method: str = "lora",
+                   validation: tuple[MonitorSettings, object] | None = None) -> str:
     """The [run] table of a graph run: the checkpoint the MODEL came from (where that tells the whole story),
     the training dataset exported as a kohya TOML into the run folder, and output/tunekit as the folder a
-    re-run's folder goes into (beside this run's, as a second graph run would)."""
+    re-run's folder goes into (beside this run's, as a second graph run would). `validation`: Sample & Validate's
+    settings and the images it validates on, exported as validation.toml for a [validation] table."""
     if session.run_dir is None:
         return ""
     dataset = export_kohya_toml(session.dataset, session.run_dir)
-    return run_table(run_name, checkpoint_file(model, clip), dataset, output_dir=session.run_dir.parent, method=method)
+    table = run_table(run_name, checkpoint_file(model, clip), dataset, output_dir=session.run_dir.parent, method=method)
+    settings, held_out = validation or (None, None)
+    if held_out is None:
+        return table
+    exported = export_kohya_toml(held_out, session.run_dir, "validation.toml")
+    return table + validation_table(dataclasses.replace(settings, validation_count=0), exported)
 
 
 def checkpoint_file(model, clip) -> Path | None:

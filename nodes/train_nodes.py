@@ -120,7 +120,8 @@ class TrainLoRA(io.ComfyNode):
         # Before any work: the run fits the device's free memory, or auto changes settings, or it stops here.
         session, memory_report = fit_session(session, lambda fitted: start_session(
             bridge, dataset, fitted, run_name, resume, node_id)[0])
-        session.run_toml = node_run_table(session, model, clip, run_name)  # `tunekit train` re-runs its config.toml
+        session.run_toml = node_run_table(session, model, clip, run_name,
+                                          validation=monitor and (monitor.settings, held_out))  # `tunekit train` re-runs it
         watcher = build_monitor(monitor, session, held_out, vae, latent_cache_directory()) if monitor else None
         if watcher:
             session.step_hooks.append(watcher)

@@ -2,8 +2,10 @@
 
 The flat TrainConfig keys (what `TrainConfig.to_toml` writes next to every artefact) plus a `[run]` table:
 which checkpoint, which dataset (a folder of images with caption files, or a kohya dataset TOML), where the
-run's folder goes and its name. Train LoRA writes the same file (config.toml in output/tunekit/<run>/ and in
-every step_* folder), so a run started in the graph re-runs headless as is. Relative paths are relative to
+run's folder goes and its name; optionally a `[validation]` table (Sample & Validate's validation loss,
+patience and keep_best: what decides where a run stops and which weights it keeps). Train LoRA writes the
+same file (config.toml in output/tunekit/<run>/ and in every step_* folder), so a run started in the graph
+re-runs headless as is. Relative paths are relative to
 the run file's folder. Everything is checked at once; each problem names its key, the value and the fix.
 """
 
@@ -17,6 +19,7 @@ import tomllib
 from .config import TrainConfig, _toml_value
 from .embeddings import embedding_problems
 from .errors import ConfigError
+from .monitor import MonitorSettings
 
 RUN_TABLE = "run"
 # [run] keys: what each holds, for the messages.
@@ -36,6 +39,11 @@ RUN_DEFAULTS = {"method": "lora", "name": "tunekit_lora", "checkpoint": "", "dat
                 "trigger_word": ""}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$")
 CONFIG_FIELDS = {field.name: field for field in fields(TrainConfig)}
+VALIDATION_TABLE = "validation"
+MONITOR_FIELDS = {field.name: field for field in fields(MonitorSettings)}
+# [validation] keys: MonitorSettings' fields, plus a separate validation set.
+VALIDATION_KEYS = {**MONITOR_FIELDS, "dataset": "a separate validation set: a folder of images with caption files, or a "
+                                                "kohya dataset .toml (instead of validation_count)"}
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,15 @@ class RunFile:
     output_dir: Path
     caption_extension: str
     trigger_word: str
+    validation: MonitorSettings | None = None
+    validation_dataset: Path | None = None
 
     def run_table(self) -> str:
-        """The `[run]` table of this run, absolute paths: written into every config.toml the run saves."""
-        return run_table(self.name, self.checkpoint, self.dataset, self.caption_extension, self.trigger_word,
-                         self.output_dir, self.method)
+        """The `[run]` (and `[validation]`) table of this run, absolute paths: written into every config.toml the
+        run saves."""
+        table = run_table(self.name, self.checkpoint, self.dataset, self.caption_extension, self.trigger_word,
+                          self.output_dir, self.method)
+        return table + (validation_table(self.validation, self.validation_dataset) if self.validation else "")
 
 
 def run_table(name: str, checkpoint: Path | None, dataset: Path | None, caption_extension: str = ".txt",
@@ -66,25 +78,74 @@ def run_table(name: str, checkpoint: Path | None, dataset: Path | None, caption_
     return f"\n[{RUN_TABLE}]  # tunekit train --config <this file> re-runs it headless\n" + "\n".join(lines) + "\n"
 
 
+def validation_table(settings: MonitorSettings, dataset: Path | None = None) -> str:
+    lines = [f"{name} = {_toml_value(getattr(settings, name))}" for name in MONITOR_FIELDS]
+    if dataset is not None:
+        lines.append(f"dataset = {_toml_value(str(dataset))}")
+    return f"\n[{VALIDATION_TABLE}]  # the validation loss that decides where the run stops (no samples headless)\n" \
+        + "\n".join(lines) + "\n"
+
+
 def read_run_file(path: Path, overrides: dict | None = None) -> RunFile:
     """The run `path` describes, `overrides` (run keys from the command line) winning; every problem at once."""
     data = _load(path)
-    run = data.pop(RUN_TABLE, {})
-    problems = [] if isinstance(run, dict) else [f"'{RUN_TABLE}' in {path} must be a table ([{RUN_TABLE}])."]
-    run = run if isinstance(run, dict) else {}
-    problems += _unknown_keys(path, data, CONFIG_FIELDS, "") + _unknown_keys(path, run, RUN_KEYS, f"{RUN_TABLE}.")
+    run, problems = _table(path, data, RUN_TABLE, {})
+    validation, validation_problems = _table(path, data, VALIDATION_TABLE, None)
+    problems += validation_problems + _unknown_keys(path, data, CONFIG_FIELDS, "")
+    problems += _unknown_keys(path, run, RUN_KEYS, f"{RUN_TABLE}.")
+    problems += _unknown_keys(path, validation or {}, VALIDATION_KEYS, f"{VALIDATION_TABLE}.")
     problems += _config_type_problems(path, data) + _run_type_problems(path, run)
+    problems += _validation_type_problems(path, validation or {})
     if problems:
         raise ConfigError(problems)
     config = TrainConfig.from_dict(data)
     values = {**RUN_DEFAULTS, **run, **{key: value for key, value in (overrides or {}).items() if value is not None}}
     base = path.parent
     resolved = {key: _resolve(base, values[key]) for key in ("checkpoint", "dataset", "output_dir")}
+    settings, validation_dataset = _validation(base, validation)
     problems = config.problems() + _run_problems(path, values, resolved) + _method_problems(values, config)
+    problems += _validation_problems(path, settings, validation_dataset)
     if problems:
         raise ConfigError(problems)
     return RunFile(path, config, values["method"], values["name"], resolved["checkpoint"], resolved["dataset"], resolved["output_dir"],
-                   values["caption_extension"], values["trigger_word"])
+                   values["caption_extension"], values["trigger_word"], settings, validation_dataset)
+
+
+def _table(path: Path, data: dict, name: str, default):
+    """(the table `name` popped from `data`, or `default`; its problems)."""
+    table = data.pop(name, default)
+    if table is default or isinstance(table, dict):
+        return table, []
+    return default, [f"'{name}' in {path} must be a table ([{name}])."]
+
+
+def _validation(base: Path, table: dict | None) -> tuple[MonitorSettings | None, Path | None]:
+    if table is None:
+        return None, None
+    settings = MonitorSettings(**{key: value for key, value in table.items() if key in MONITOR_FIELDS})
+    return settings, _resolve(base, table.get("dataset", ""))
+
+
+def _validation_type_problems(path: Path, table: dict) -> list[str]:
+    found = [f"{VALIDATION_TABLE}.{key} is {value!r} in {path}: it must be {_type_words(type(MONITOR_FIELDS[key].default))}."
+             for key, value in table.items() if key in MONITOR_FIELDS and not _fits(value, type(MONITOR_FIELDS[key].default))]
+    if not isinstance(table.get("dataset", ""), str):
+        found.append(f"{VALIDATION_TABLE}.dataset is {table['dataset']!r} in {path}: it must be a string (in quotes).")
+    return found
+
+
+def _validation_problems(path: Path, settings: MonitorSettings | None, dataset: Path | None) -> list[str]:
+    if settings is None:
+        return []
+    found = [f"{VALIDATION_TABLE}.{problem}" for problem in settings.problems()]
+    if dataset is not None and settings.validation_count:
+        found.append(f"{VALIDATION_TABLE}: validation_count is {settings.validation_count} and dataset is set: use one.")
+    elif dataset is None and not settings.validation_count:
+        found.append(f"{VALIDATION_TABLE} in {path} validates nothing: set validation_count (images held out of the "
+                     f"dataset) or dataset (a separate validation set).")
+    elif dataset is not None and not (dataset.is_dir() or (dataset.is_file() and dataset.suffix.lower() == ".toml")):
+        found.append(f"{VALIDATION_TABLE}.dataset is '{dataset}': {VALIDATION_KEYS['dataset']} is needed (that path is neither).")
+    return found
 
 
 def _load(path: Path) -> dict:

@@ -229,12 +229,14 @@ class TrainSession:
                 if self._keeps_good_states:
                     self._good = self._state()
                 self._call_step_hooks(host)
-                while self.step < self.config.steps and not self._finish_reason:
+                while self.step < self.config.steps:
                     if self.parallel.any(host.should_stop()):
                         return self._stop_early(host)
                     self._train_step(host)
                     self._call_step_hooks(host)
-                    if self._save_due() and not self._finish_reason:
+                    if self.parallel.any(bool(self._finish_reason)):  # a hook of one process decides for all
+                        break
+                    if self._save_due():
                         self._save(host, partial=True)
         except TrainingDivergedError:
             self._keep_progress(host, diverged=True)

@@ -15,6 +15,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
+from .test_headless_train import headless
 from .test_train_lora import sd15, solid_folder, train_graph  # noqa: F401  (sd15: session fixture)
 
 PROMPTS = "tkred\na photo of tkred"
@@ -107,10 +108,13 @@ def test_samples_and_validation_every_n_steps_leave_the_weights_unchanged(comfy,
     assert all(np.array_equal(monitored[k].numpy(), plain[k].numpy()) for k in plain), "sampling changed the training"
 
 
-def test_patience_stops_at_the_first_round_without_a_new_low_and_keep_best_returns_the_lowest(comfy, sd15):
+def test_patience_stops_at_the_first_round_without_a_new_low_and_keep_best_returns_the_lowest(comfy, comfy_host, sd15,
+                                                                                              tmp_path):
     """Validation on blue images captioned with the trigger word: their loss falls, then stalls as the LoRA
     learns red (measured: lowest at step 16, higher at 18). patience 1: the run ends at the first round without
-    a new low; keep_best: the LoRA Save LoRA writes is the one of the lowest round, as its state saved it."""
+    a new low; keep_best: the LoRA Save LoRA writes is the one of the lowest round, as its state saved it. The
+    run's config.toml carries the validation ([validation], validation.toml): headless, it stops at the same
+    step with the same LoRA, bit for bit."""
     train_folder = solid_folder(comfy.input_dir, "e2e_best_train").name
     blue = comfy.input_dir / "e2e_best_blue"
     blue.mkdir(exist_ok=True)
@@ -144,3 +148,9 @@ def test_patience_stops_at_the_first_round_without_a_new_low_and_keep_best_retur
     at_best = safetensors.torch.load_file(str(run_dir / f"step_{best[0]:06d}" / "lora.safetensors"))
     assert saved.keys() == at_best.keys()
     assert all(torch.equal(saved[key], at_best[key].half()) for key in saved)
+
+    print(f"headless: {headless(comfy_host, tmp_path, run_dir / 'config.toml')}")
+    retrained = safetensors.torch.load_file(str(tmp_path / "runs" / "e2e_best" / "e2e_best.safetensors"))
+    assert retrained.keys() == saved.keys() and all(torch.equal(retrained[key], saved[key]) for key in saved)
+    with (tmp_path / "runs" / "e2e_best" / "validation.csv").open() as handle:
+        assert [int(row["step"]) for row in csv.DictReader(handle)] == [step for step, _ in curve]

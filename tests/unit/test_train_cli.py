@@ -19,6 +19,7 @@ from tunekit.nodes.headless import ConsoleHost
 from tunekit.cli import main
 from tunekit.trainer.config import TrainConfig
 from tunekit.trainer.errors import ConfigError
+from tunekit.trainer.monitor import MonitorSettings
 from tunekit.trainer.runfile import read_run_file, run_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,6 +56,29 @@ def test_bad_values_exit_2_with_every_problem_naming_its_key(run_dir, caplog):
     for expected in ("steps is 0", "optimizer is 'adam'", "run.method is 'dreambooth': choose one of lora, finetune",
                      "run.checkpoint is '", "missing.safetensors', which is not a file"):
         assert expected in caplog.text, expected
+
+
+def test_a_validation_table_reads_as_sample_and_validates_settings_and_writes_back_the_same(run_dir):
+    (run_dir / "held_out").mkdir()
+    text = VALID_RUN + '[validation]\nevery = 4\ndataset = "held_out"\npatience = 2\nkeep_best = true\n'
+    run = read_run_file(write(run_dir, text))
+    assert run.validation == MonitorSettings(every=4, patience=2, keep_best=True)
+    assert run.validation_dataset == run_dir / "held_out"
+    assert read_run_file(write(run_dir, TrainConfig().to_toml() + run.run_table())) == run
+
+
+@pytest.mark.parametrize("table, expected", [
+    ('every = 4\npatience = "2"', "validation.patience is '2' in "),
+    ('every = 0\nvalidation_count = 1', "validation.every is 0"),
+    ('patience = 2', "validates nothing: set validation_count"),
+    ('validation_count = 1\ndataset = "images"', "validation_count is 1 and dataset is set: use one"),
+    ('dataset = "nowhere"', "validation.dataset is '"),
+    ('every = 4\npatince = 2', "did you mean 'validation.patience'?"),
+])
+def test_a_bad_validation_table_says_which_key_and_what_to_do(run_dir, table, expected):
+    with pytest.raises(ConfigError) as raised:
+        read_run_file(write(run_dir, f"{VALID_RUN}[validation]\n{table}\n"))
+    assert expected in str(raised.value)
 
 
 def test_missing_checkpoint_names_the_flag_and_the_flag_fills_it(run_dir):
