@@ -180,8 +180,13 @@ class TrainSession:
                              "ModelSamplingDiscrete with zsnr on so sampling uses the same schedule."))
 
     @property
-    def steps_per_epoch(self) -> int:
+    def batches_per_epoch(self) -> int:
         return self.plan.batches_per_epoch(self.config.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: each trains gradient_accumulation_steps batches on every process."""
+        return math.ceil(self.batches_per_epoch / (self.config.gradient_accumulation_steps * self.parallel.world_size))
 
     # ----- resume -----
     def resume(self, folder: Path) -> None:
@@ -400,7 +405,7 @@ class TrainSession:
             if rank == self.parallel.rank:
                 mine = indices
         number = micro_step * self.parallel.world_size + self.parallel.rank
-        epoch = number // self.steps_per_epoch + 1
+        epoch = number // self.batches_per_epoch + 1
         total = self.config.steps * self.config.gradient_accumulation_steps * self.parallel.world_size
         return self.feed.batch(mine, number, epoch, total), number
 

@@ -49,9 +49,9 @@ def test_batches_never_mix_buckets_and_an_epoch_covers_every_repeat(tmp_path):
     s = session(dataset)
     s.prepare(NullHost())
     assert sorted(s.plan.bucket_counts().items()) == [((64, 256), 4), ((128, 128), 4), ((256, 64), 4)]
-    assert s.steps_per_epoch == 6
+    assert s.batches_per_epoch == s.steps_per_epoch == 6
     seen = []
-    for number in range(s.steps_per_epoch):
+    for number in range(s.batches_per_epoch):
         batch, _ = s._next_batch(number)
         assert len({tuple(example.latent.shape) for example in batch}) == 1
         seen.extend(s.order[s.position - 1])

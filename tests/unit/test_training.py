@@ -233,3 +233,10 @@ def test_a_session_built_and_resumed_under_inference_mode_trains(tmp_path):
         session = make_session(tmp_path, steps=4)
         session.resume(latest_state_folder(tmp_path))
         assert session.run(NullHost()).steps_done == 4
+
+
+def test_the_epoch_notice_counts_optimizer_steps():
+    """4 images at batch 1 are 4 batches; with 2 accumulation steps an epoch is 2 optimizer steps."""
+    host = RecordingHost()
+    make_session(steps=2, gradient_accumulation_steps=2).prepare(host)
+    assert any("4 images in 1 buckets, 2 steps per epoch." in notice.message for notice in host.of(Notice))
